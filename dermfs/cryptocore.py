@@ -128,6 +128,18 @@ def derive_subkey(volume_key: SecretKey, purpose: Purpose, volume_id: bytes) -> 
     return SecretKey(hkdf.derive(volume_key.reveal()))
 
 
+def expand_subkey(key: SecretKey, label: bytes, length: int = KEY_SIZE) -> SecretKey:
+    """Derive a key for one narrower use from a subkey (HKDF-SHA256, no salt).
+
+    Args:
+        key: a subkey from :func:`derive_subkey`, or a random key.
+        label: what the derived key is for; never reuse a label for another use.
+        length: bytes of key to derive.
+    """
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=label)
+    return SecretKey(hkdf.derive(key.reveal()))
+
+
 class Aead:
     """AES-256-GCM under one key, with a fresh random nonce for every seal.
 
