@@ -61,9 +61,14 @@ def b64u_decode(text: str) -> bytes:
     if not text or "=" in text or any(c in text for c in "+/\n"):
         raise FormatError("not base64url")
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
         raise FormatError("not base64url") from None
+    # The decoder ignores stray characters and unused low bits of the last character;
+    # only the one encoding we write is accepted, so that a name has one backing name.
+    if b64u_encode(data) != text:
+        raise FormatError("not base64url")
+    return data
 
 
 def is_reserved_name(backing_name: str) -> bool:
