@@ -46,9 +46,6 @@ from dermfs.keys.local import create_keyfile
 
 log = logging.getLogger(__name__)
 
-#: Exit status after Ctrl-C: 128 + SIGINT, as shells report it.
-INTERRUPTED = 130
-
 _VERSION = getattr(dermfs, "__version__", "unknown")
 
 
@@ -80,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
         return exitcodes.for_exception(exc)
     except KeyboardInterrupt:
         _print_error("interrupted")
-        return INTERRUPTED
+        return exitcodes.INTERRUPTED
     except Exception as exc:
         if logsetup.debug_enabled():
             traceback.print_exc()

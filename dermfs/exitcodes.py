@@ -31,6 +31,8 @@ MOUNT = 9
 DAMAGE = 10
 #: Authenticated data failed to verify where the command needed it intact.
 INTEGRITY = 11
+#: Interrupted by SIGINT (128 + 2, as shells report it).
+INTERRUPTED = 130
 
 _BY_EXCEPTION: tuple[tuple[type[errors.DermfsError], int], ...] = (
     (errors.ConfigError, CONFIG),
