@@ -86,7 +86,7 @@ def list_directory(volume: Volume, dir_fd: int, dir_id: bytes) -> Iterator[Liste
 
 def _read_sidecar(dir_fd: int, sidecar: str) -> bytes:
     try:
-        fd = os.open(sidecar, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        fd = os.open(sidecar, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:
         raise IntegrityError("long name has no sidecar") from None
     try:

@@ -305,7 +305,10 @@ class Volume:
             IntegrityError: the directory has no id file, or a malformed one.
         """
         try:
-            fd = os.open(format.DIRID_FILE, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+            # Non-blocking, so that a FIFO put in its place cannot hang the reader.
+            fd = os.open(
+                format.DIRID_FILE, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+            )
         except FileNotFoundError:
             raise IntegrityError("directory has no id file") from None
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -674,3 +675,40 @@ def test_name_renamed_to_a_non_canonical_alias(built: Built, reader: PlainTree, 
     with pytest.raises(IntegrityError):
         reader.listdir(path.rpartition("/")[0])
     assert damage_of(fsck(built)) == {backing_display(built, alias): ["name"]}
+
+
+@pytest.fixture
+def no_hang() -> Iterator[None]:
+    """Fail a test that blocks for more than a few seconds instead of hanging the run."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError("blocked reading the store")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(5)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.usefixtures("no_hang")
+def test_fifo_in_place_of_a_directory_id(built: Built, reader: PlainTree) -> None:
+    dirid = built.backing["docs"] / format.DIRID_FILE
+    dirid.unlink()
+    os.mkfifo(dirid)
+
+    with pytest.raises(IntegrityError):
+        reader.listdir("docs")
+    assert damage_of(fsck(built)) == {"/docs": ["dirid"]}
+
+
+@pytest.mark.usefixtures("no_hang")
+def test_fifo_in_place_of_a_sidecar(built: Built, reader: PlainTree) -> None:
+    entry = built.backing[f"docs/{LONG_NAME}"]
+    sidecar = entry.with_suffix(".name")
+    sidecar.unlink()
+    os.mkfifo(sidecar)
+
+    with pytest.raises(IntegrityError):
+        reader.listdir("docs")
+    assert damage_of(fsck(built)) == {backing_display(built, entry): ["sidecar"]}
