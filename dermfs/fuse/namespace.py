@@ -32,7 +32,7 @@ class NamespaceHandlers(VolumeState):
 
     def _new_entry(self, dir_fd: int, dir_id: bytes, name: bytes) -> BackingName:
         """Return the backing name of a new entry, its sidecar written; EEXIST if taken."""
-        backing_name = self.volume.names.encrypt(dir_id, name)
+        backing_name = self._backing_name(dir_id, name)
         if backing.lstat_at(dir_fd, backing_name.entry) is not None:
             raise FileExistsError(errno.EEXIST, "entry exists")
         tree.write_sidecar(dir_fd, backing_name)
@@ -165,7 +165,7 @@ class NamespaceHandlers(VolumeState):
         """Remove a file or symlink (and a long name's sidecar)."""
         log.debug("unlink(parent %d)", parent_inode)
         with self._directory(parent_inode) as (dir_fd, dir_id):
-            backing_name = self.volume.names.encrypt(dir_id, name)
+            backing_name = self._backing_name(dir_id, name)
             st = backing.lstat_at(dir_fd, backing_name.entry)
             if st is None:
                 raise FileNotFoundError(errno.ENOENT, "no such entry")
@@ -180,7 +180,7 @@ class NamespaceHandlers(VolumeState):
         """Remove an empty directory, its id file and any dermfs debris in it."""
         log.debug("rmdir(parent %d)", parent_inode)
         with self._directory(parent_inode) as (dir_fd, dir_id):
-            backing_name = self.volume.names.encrypt(dir_id, name)
+            backing_name = self._backing_name(dir_id, name)
             if backing.lstat_at(dir_fd, backing_name.entry) is None:
                 raise FileNotFoundError(errno.ENOENT, "no such entry")
             backing.remove_directory(dir_fd, backing_name.entry)
@@ -205,8 +205,8 @@ class NamespaceHandlers(VolumeState):
             self._directory(parent_inode_old) as (old_fd, old_id),
             self._directory(parent_inode_new) as (new_fd, new_id),
         ):
-            old = self.volume.names.encrypt(old_id, name_old)
-            new = self.volume.names.encrypt(new_id, name_new)
+            old = self._backing_name(old_id, name_old)
+            new = self._backing_name(new_id, name_new)
             old_st = backing.lstat_at(old_fd, old.entry)
             if old_st is None:
                 raise FileNotFoundError(errno.ENOENT, "no such entry")

@@ -89,7 +89,7 @@ class DermfsOperations(NamespaceHandlers):
             return attrs
 
         node = self.inodes.get(parent_inode)
-        entry = self.volume.names.encrypt(self._dir_id(node), name).entry
+        entry = self._backing_name(self._dir_id(node), name).entry
         path = self.inodes.child_path(parent_inode, entry)
         st = backing.lstat_at(self._root_fd, path)
         if st is None:
@@ -184,6 +184,13 @@ class DermfsOperations(NamespaceHandlers):
         """Open a file; every handle of an inode shares its content."""
         log.debug("open(%d, flags %#x)", inode, flags)
         open_file = self._open_content(inode)
+        try:
+            if flags & os.O_TRUNC:
+                # libfuse asks for atomic O_TRUNC: the kernel sends no setattr for it.
+                await self._in_thread(open_file.content.truncate, 0)
+        except BaseException:
+            self.handles.drop(open_file)
+            raise
         handle = self.handles.new_file_handle(open_file, flags)
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=self.cache.keep_cache)
 

@@ -27,6 +27,7 @@ from dermfs.fuse import attributes, backing
 from dermfs.fuse.attributes import CacheSettings, Timeouts
 from dermfs.fuse.handles import HandleTable, OpenFile, open_backing, with_inode
 from dermfs.fuse.inodes import InodeTable, Node
+from dermfs.names import MAX_PLAINTEXT_NAME, BackingName
 from dermfs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,16 @@ class VolumeState(pyfuse3.Operations):
                 os.close(fd)
             node.object_id = node.dir_id
         return node.dir_id
+
+    def _backing_name(self, dir_id: bytes, name: bytes) -> BackingName:
+        """Encrypt *name* for the directory *dir_id*; ENAMETOOLONG past NAME_MAX.
+
+        FUSE passes names of up to 1024 bytes; dermfs keeps to the POSIX 255 that statfs
+        reports, so that every name can be copied to an ordinary filesystem.
+        """
+        if len(name) > MAX_PLAINTEXT_NAME:
+            raise OSError(errno.ENAMETOOLONG, "file name too long")
+        return self.volume.names.encrypt(dir_id, name)
 
     @contextmanager
     def _directory(self, inode: int) -> Iterator[tuple[int, bytes]]:
