@@ -75,6 +75,16 @@ def is_mounted(mountpoint: Path) -> bool:
     return str(mountpoint) in mounts_under(mountpoint)
 
 
+def process_running(pid: int) -> bool:
+    """Tell whether *pid* runs; a zombie (exited, not reaped) does not count."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat_file:
+            state = stat_file.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     """Return the sha256 of every regular file below *root*, by relative path."""
     digests = {}
@@ -157,7 +167,7 @@ def unmount(volume: Volume) -> None:
     pid = volume.daemon_pid()
     if pid is not None:
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        while time.monotonic() < deadline and process_running(pid):
             time.sleep(0.05)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
