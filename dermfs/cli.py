@@ -7,8 +7,9 @@
     dermfs [-v] mount CONFIG MOUNTPOINT [-f] [-o OPTIONS]
     dermfs [-v] umount MOUNTPOINT
     dermfs [-v] audit verify CONFIG
-    dermfs [-v] audit query CONFIG [--patient ID] [--path PATH] [--user USER]
-                                   [--since TIME] [--until TIME] [--json]
+    dermfs [-v] audit query CONFIG [--patient ID] [--path PATH] [--uid UID] [--user USER]
+                                   [--since TIME] [--until TIME] [--event EVENT] [--json]
+    dermfs [-v] audit report CONFIG --patient ID
     dermfs [-v] rewrap CONFIG
     dermfs [-v] rekey CONFIG
     dermfs --version
@@ -143,7 +144,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = command("umount", _cmd_umount, "flush and unmount a mounted volume")
     sub.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
 
-    audit = command("audit", _cmd_audit, "verify or query the audit journal")
+    audit = command("audit", _cmd_audit, "verify, query or report from the audit journal")
     audit_commands = audit.add_subparsers(
         dest="audit_command", metavar="AUDIT_COMMAND", required=True
     )
@@ -155,10 +156,23 @@ def _build_parser() -> argparse.ArgumentParser:
     config_argument(sub)
     sub.add_argument("--patient", metavar="ID", help="records about this patient id")
     sub.add_argument("--path", metavar="PATH", help="records of this path inside the mount")
+    sub.add_argument("--uid", metavar="UID", type=int, help="records of this uid")
     sub.add_argument("--user", metavar="USER", help="records of this user name or uid")
     sub.add_argument("--since", metavar="TIME", help="records at or after TIME")
     sub.add_argument("--until", metavar="TIME", help="records before TIME")
+    sub.add_argument(
+        "--event",
+        metavar="EVENT",
+        action="append",
+        default=[],
+        help="records of this event; repeat it or give a comma list for several",
+    )
     sub.add_argument("--json", action="store_true", help="print JSON lines, not a table")
+    sub = audit_commands.add_parser(
+        "report", parents=[common], help="a patient's access history, for a privacy officer"
+    )
+    config_argument(sub)
+    sub.add_argument("--patient", metavar="ID", required=True, help="the patient id")
 
     sub = command("rewrap", _cmd_rewrap, "rewrap the volume key under the current KMS key")
     config_argument(sub)
