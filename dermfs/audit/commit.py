@@ -59,6 +59,7 @@ class Committer:
         self._pending_json: list[str] = []
         self._pending_point = point
         self._checkpoint_due = True
+        self._rotation_failing = False
         self.failure: str | None = None
 
     def __repr__(self) -> str:
@@ -143,7 +144,11 @@ class Committer:
         try:
             self._segment.rotate(self.durable.seq + 1, self.durable.tag)
         except OSError as exc:
-            log.warning("audit journal %s: rotation failed, will retry: %s", self.path, exc)
+            if not self._rotation_failing:
+                log.warning("audit journal %s: rotation failed, will retry: %s", self.path, exc)
+            self._rotation_failing = True
+        else:
+            self._rotation_failing = False
 
     def _fail(self, exc: OSError) -> None:
         name = errno.errorcode.get(exc.errno or errno.EIO, "EIO")

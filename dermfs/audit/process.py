@@ -3,6 +3,7 @@
 Caveats:
 
 - FUSE reports the calling thread's id, so the name is that thread's ``comm``.
+- Safe to call from several threads; two may read ``/proc`` for the same pid at once.
 - A pid can be reused within the cache's lifetime (one second by default); the cost of
   that is a wrong name for a record made in that second, which we accept for not reading
   ``/proc`` on every request.
@@ -11,6 +12,7 @@ Caveats:
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +36,7 @@ class ProcessNames:
         self._max_entries = max_entries
         self._clock = clock
         self._cache: dict[int, tuple[float, str | None, str | None]] = {}
+        self._lock = threading.Lock()
 
     def lookup(self, pid: int) -> tuple[str | None, str | None]:
         """Return the process name and executable of *pid*; ``None`` for what is unknown.
@@ -51,9 +54,10 @@ class ProcessNames:
 
         comm = self._read_comm(pid)
         exe = self._read_exe(pid)
-        if len(self._cache) >= self._max_entries:
-            self._evict(now)
-        self._cache[pid] = (now + self._ttl, comm, exe)
+        with self._lock:
+            if len(self._cache) >= self._max_entries:
+                self._evict(now)
+            self._cache[pid] = (now + self._ttl, comm, exe)
         return comm, exe
 
     def _read_comm(self, pid: int) -> str | None:

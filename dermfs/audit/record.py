@@ -173,13 +173,15 @@ def result_name(result: str | int) -> str:
 
 
 class RecordClock:
-    """Formats the current UTC time as record times, caching the per-second part."""
+    """Formats the current UTC time as record times, caching the per-second part.
 
-    __slots__ = ("_prefix", "_second")
+    Safe to share between threads: the cache is one tuple, replaced whole.
+    """
+
+    __slots__ = ("_cached",)
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        self._cached = (-1, "")
 
     def now(self) -> str:
         """Return the current time, for example ``2026-12-03T21:10:40.123456Z``."""
@@ -188,10 +190,11 @@ class RecordClock:
     def format_ns(self, ns: int) -> str:
         """Return the record time of *ns* nanoseconds since the epoch."""
         second, rest = divmod(ns, 1_000_000_000)
-        if second != self._second:
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._second = second
-        return f"{self._prefix}.{rest // 1000:06d}Z"
+        cached = self._cached
+        if cached[0] != second:
+            cached = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+            self._cached = cached
+        return f"{cached[1]}.{rest // 1000:06d}Z"
 
 
 class PatientMatcher:

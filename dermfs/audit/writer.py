@@ -386,7 +386,7 @@ class AuditJournal:
             with self._lock:
                 self._closed = True
                 self._handles.clear()
-                lost = len(self._buffer) + self._next_seq - 1 - self._committer.durable.seq
+                lost = self._next_seq - 1 - self._committer.durable.seq
             self._committer.close()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
