@@ -482,3 +482,29 @@ def test_process_names_are_cached_briefly(tmp_path: Path) -> None:
     assert names.lookup(77) == ("first", None)
     now[0] += 1.5
     assert names.lookup(77) == ("second", None)
+
+
+@pytest.mark.expect_log
+def test_crash_between_rotation_and_checkpoint(journal: Journal, tmp_path: Path) -> None:
+    files = JournalFiles(journal.path)
+    writer = journal.open(max_bytes=1000)
+    writer.record(Event.OPEN, ALICE, "patients/1/a.jpg")
+    writer.flush()
+    stale = tmp_path / "stale.checkpoint"
+    stale.write_bytes(files.checkpoint.read_bytes())
+    for number in range(5):
+        writer.record(Event.OPEN, ALICE, f"patients/1/{number}.jpg")
+    writer.flush()  # rotates, then writes a new checkpoint
+    assert files.sealed_segments()
+    writer._committer.close()  # stands in for the crash: nothing more is written
+    os.close(writer._lock_fd)  # type: ignore[arg-type]
+    files.checkpoint.write_bytes(stale.read_bytes())  # as if that checkpoint never landed
+
+    crashed = journal.verify()
+    assert crashed.intact, crashed.summary()
+    assert (crashed.records, crashed.after_checkpoint) == (6, 5)
+
+    writer = journal.open(max_bytes=1000)
+    writer.close()
+    assert [r.event for r in journal.records()][-1] == "unclean-stop"
+    assert journal.verify().intact
