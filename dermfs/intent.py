@@ -113,7 +113,9 @@ class IntentLog:
 def read_pending(path: Path, mac: Mac) -> list[PendingFile]:
     """Return the files an intent log left dirty; an empty list if there is no log.
 
-    Records after the first one whose tag fails (a torn or forged tail) are ignored.
+    Records after the first one whose tag fails (a torn or forged tail) are ignored. A log
+    cut inside its header (a kill between creating the file and writing the header) holds
+    no record and counts as empty.
 
     Raises:
         FormatError: the file is not an intent log.
@@ -121,6 +123,8 @@ def read_pending(path: Path, mac: Mac) -> list[PendingFile]:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
+        return []
+    if len(data) < format.INTENT_HEADER_SIZE and format.INTENT_MAGIC.startswith(data[:4]):
         return []
     session_id = format.parse_intent_header(data)
 
