@@ -28,6 +28,7 @@ import pytest
 
 from dermfs import content, format
 from dermfs.content import ContentFile
+from dermfs.errors import FormatError
 from dermfs.intent import read_pending
 from dermfs.volume import RecoveryReport, Volume
 
@@ -216,10 +217,11 @@ def kill(volume: Volume) -> None:
     This reaches into the volume's private descriptors on purpose: :meth:`Volume.close`
     would run the intent log's clean-close logic, which a kill never runs.
     """
-    assert volume.intent is not None and volume._lock_fd is not None
-    os.close(volume.intent._fd)
+    assert volume._lock_fd is not None
+    if volume.intent is not None:
+        os.close(volume.intent._fd)
+        volume.intent = None
     os.close(volume._lock_fd)
-    volume.intent = None
     volume._lock_fd = None
 
 
@@ -247,6 +249,7 @@ class Crash:
     calls: list[Call]
     torn: bool = False
     report: RecoveryReport = field(default_factory=RecoveryReport)
+    recovery_calls: list[Call] = field(default_factory=list)
 
 
 def crash(
@@ -255,8 +258,12 @@ def crash(
     provider: Any,
     monkeypatch: pytest.MonkeyPatch,
     point: KillPoint | None,
+    recovery_point: KillPoint | None = None,
 ) -> Crash:
-    """Run *scenario* in a new store, kill it at *point* (or just after the op), recover."""
+    """Run *scenario* in a new store, kill it at *point* (or just after the op), recover.
+
+    With *recovery_point*, the first recovery is killed there too, and a second one runs.
+    """
     store = make_store(scenario.chunk_size)
     volume = Volume.open(store, provider)
     volume.start_writing()
@@ -288,11 +295,18 @@ def crash(
         os.close(fd)
         kill(volume)
 
+    if recovery_point is not None:
+        recovering = Volume.open(store, provider)
+        with backing_writes(monkeypatch, recovery_point), pytest.raises(Killed):
+            recovering.start_writing()
+        kill(recovering)
+
     recovered = Volume.open(store, provider)
-    report = recovered.start_writing()
+    with backing_writes(monkeypatch) as recovery_calls:
+        report = recovered.start_writing()
     recovered.close()
     assert not (store / format.INTENT_FILE).exists()
-    return Crash(store, path, inode, calls, torn, report)
+    return Crash(store, path, inode, calls, torn, report, recovery_calls)
 
 
 def problems(scenario: Scenario, crashed: Crash, provider: Any) -> list[str]:
@@ -375,6 +389,37 @@ def test_kill_at_every_point_is_recovered(
     # The kill points must reach states that need repair, or nothing was tested.
     assert len(points) >= 4
     assert torn, "no kill point left a torn file"
+
+
+@pytest.mark.expect_log
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_a_killed_recovery_is_recovered(
+    name: str,
+    make_store: Callable[..., Path],
+    key_provider: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    scenario = SCENARIOS[name]
+    dry_run = crash(scenario, make_store, key_provider, monkeypatch, None)
+
+    failures = []
+    recovery_points = 0
+    for point in kill_points(dry_run.calls):
+        first = crash(scenario, make_store, key_provider, monkeypatch, point)
+        if not first.torn:
+            continue
+        for recovery_point in kill_points(first.recovery_calls):
+            crashed = crash(scenario, make_store, key_provider, monkeypatch, point, recovery_point)
+            recovery_points += 1
+            failures += [
+                f"{point}, recovery killed at {recovery_point}: {problem}"
+                for problem in problems(scenario, crashed, key_provider)
+            ]
+
+    assert not failures, "\n".join(failures)
+    assert not unexpected_warnings(caplog, UNCLEAN)
+    assert recovery_points, "recovery never wrote anything"
 
 
 def test_untouched_ranges() -> None:
@@ -654,6 +699,37 @@ def torn_overwrite_point(
     number = writes[-1]
     call = dry_run.calls[number]
     return KillPoint(number, (call.offset // PAGE + 1) * PAGE - call.offset)
+
+
+@pytest.mark.parametrize("kept", [0, 3, format.INTENT_HEADER_SIZE - 1])
+def test_an_intent_log_cut_inside_its_header_holds_nothing(
+    kept: int, make_store: Callable[..., Path], key_provider: Any
+) -> None:
+    # A kill between creating the log (O_TRUNC) and writing its header leaves it short.
+    store = make_store()
+    volume = Volume.open(store, key_provider)
+    volume.start_writing()
+    log_path = store / format.INTENT_FILE
+    header = log_path.read_bytes()
+    kill(volume)
+    log_path.write_bytes(header[:kept])
+
+    again = Volume.open(store, key_provider)
+    assert again.start_writing() == RecoveryReport()
+    again.close()
+    assert not log_path.exists()
+
+
+def test_a_short_file_that_is_not_an_intent_log_is_refused(
+    make_store: Callable[..., Path], key_provider: Any
+) -> None:
+    store = make_store()
+    (store / format.INTENT_FILE).write_bytes(b"not a log")
+    volume = Volume.open(store, key_provider)
+
+    with pytest.raises(FormatError):
+        volume.start_writing()
+    volume.close()
 
 
 def test_a_clean_close_removes_the_intent_log(
