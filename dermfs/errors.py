@@ -46,3 +46,16 @@ class StoreError(DermfsError):
 
 class MountError(DermfsError):
     """The mount point is unusable or FUSE is unavailable."""
+
+
+class AuditUnavailable(DermfsError):
+    """The audit journal cannot be written (disk full, I/O error, missing, in use).
+
+    Raised by the journal when ``on_failure`` is ``deny``, so that the frontend refuses the
+    open or read with ``EACCES``; when the journal cannot be opened at all; and at close
+    when its last flush failed.
+    """
+
+
+class AuditDamaged(DermfsError):
+    """The audit journal was found damaged (see :class:`dermfs.audit.JournalDamaged`)."""

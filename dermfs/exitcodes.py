@@ -31,6 +31,8 @@ MOUNT = 9
 DAMAGE = 10
 #: Authenticated data failed to verify where the command needed it intact.
 INTEGRITY = 11
+#: The audit journal cannot be written, and the configuration says to fail closed.
+AUDIT = 12
 #: Interrupted by SIGINT (128 + 2, as shells report it).
 INTERRUPTED = 130
 
@@ -43,6 +45,8 @@ _BY_EXCEPTION: tuple[tuple[type[errors.DermfsError], int], ...] = (
     (errors.InsecureFileError, INSECURE_FILE),
     (errors.IntegrityError, INTEGRITY),
     (errors.MountError, MOUNT),
+    (errors.AuditUnavailable, AUDIT),
+    (errors.AuditDamaged, DAMAGE),
 )
 
 

@@ -6,17 +6,9 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
-from dermfs.errors import DermfsError
+from dermfs.errors import AuditDamaged, AuditUnavailable
 
-
-class AuditUnavailable(DermfsError):
-    """The journal cannot be written (disk full, I/O error, missing, in use).
-
-    Raised by :meth:`AuditJournal.ensure_writable` when ``on_failure`` is ``deny``, so that
-    the frontend refuses the open or read with ``EACCES``; by :meth:`AuditJournal.open`
-    when the journal cannot be opened at all; and by :meth:`AuditJournal.close` when its
-    last flush failed.
-    """
+__all__ = ["AuditUnavailable", "Damage", "DamageKind", "JournalDamaged"]
 
 
 class DamageKind(enum.StrEnum):
@@ -59,7 +51,7 @@ class Damage:
         return f"{self.what}{where} ({self.kind})"
 
 
-class JournalDamaged(DermfsError):
+class JournalDamaged(AuditDamaged):
     """The journal was found damaged; *damage* says where and how.
 
     Raised by :meth:`AuditJournal.open`, which refuses to write over the evidence, and by
