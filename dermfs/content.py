@@ -270,19 +270,20 @@ class ContentFile:
             final = chunk_index == new_count - 1
             sealed_chunks.append(self._keys.seal(chunk_index, plaintext, final))
 
-        # New chunks beyond the old end first, so that running out of space leaves the
-        # existing chunks untouched; then the chunks rewritten in place.
-        split = max(0, min(old_count, last + 1) - first)
+        # Everything past the old end first: new chunks, and the bytes by which the old
+        # final chunk grows. Running out of space there leaves the existing chunks
+        # untouched; the bytes rewritten in place afterwards need no new space.
+        image = memoryview(b"".join(sealed_chunks))
+        start = geometry.chunk_offset(first)
+        old_end = geometry.backing_size(old_size)
         self._tail = None
-        if split < len(sealed_chunks):
-            appended = b"".join(sealed_chunks[split:])
+        if start + len(image) > old_end:
             try:
-                _pwrite_all(self._fd, appended, geometry.chunk_offset(first + split))
+                _pwrite_all(self._fd, image[old_end - start :], old_end)
             except OSError:
-                os.ftruncate(self._fd, geometry.backing_size(old_size))
+                os.ftruncate(self._fd, old_end)
                 raise
-        if split:
-            _pwrite_all(self._fd, b"".join(sealed_chunks[:split]), geometry.chunk_offset(first))
+        _pwrite_all(self._fd, image[: old_end - start], start)
         self._size = new_size
         self._tail = (last, bytes(plaintext))
 
@@ -370,7 +371,7 @@ class ContentFile:
         self._dirty = None
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
