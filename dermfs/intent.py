@@ -64,8 +64,8 @@ class IntentLog:
     def dirty(self, inode: int, file_id: bytes, backing_size: int, path: str) -> None:
         """Record that a file is about to change (again) and how large it is now."""
         with self._lock:
-            self._dirty.add(inode)
             self._append(format.RECORD_DIRTY, format.dirty_body(inode, file_id, backing_size, path))
+            self._dirty.add(inode)
 
     def saved(self, inode: int, chunk_index: int, sealed: bytes) -> None:
         """Record the old bytes of a chunk about to be overwritten in place."""
@@ -104,9 +104,18 @@ class IntentLog:
     def _append(self, record_type: int, body: bytes) -> None:
         record = format.intent_record_body(record_type, body)
         tag = self._mac.tag(format.intent_tag_input(self._session_id, self._record_number, record))
-        data = record + tag[: format.INTENT_TAG_SIZE]
-        os.pwrite(self._fd, data, self._size)
-        self._size += len(data)
+        data = memoryview(record + tag[: format.INTENT_TAG_SIZE])
+        offset = self._size
+        try:
+            while data:
+                written = os.pwrite(self._fd, data, offset)
+                data = data[written:]
+                offset += written
+        except OSError:
+            # Leave no torn record behind (a disk full writes part of one, then fails).
+            os.ftruncate(self._fd, self._size)
+            raise
+        self._size = offset
         self._record_number += 1
 
 
