@@ -321,8 +321,8 @@ class ContentFile:
         # From here on, chunks past the new end count as new ones (format section 8).
         assert self._dirty is not None
         if self._dirty.durable_count > final + 1:
-            self._dirty.durable_count = final + 1
             self._log_dirty(geometry.chunk_offset(final) + len(sealed))
+            self._dirty.durable_count = final + 1
 
         _pwrite_all(self._fd, sealed, geometry.chunk_offset(final))
         os.ftruncate(self._fd, geometry.chunk_offset(final) + len(sealed))
@@ -337,8 +337,8 @@ class ContentFile:
         if self._intent is None:
             raise PermissionError("file was opened read-only")
         count = self._geometry.chunk_count(self._size)
-        self._dirty = _DirtyState(durable_count=count)
         self._log_dirty(self._geometry.backing_size(self._size))
+        self._dirty = _DirtyState(durable_count=count)
 
     def _log_dirty(self, backing_size: int) -> None:
         assert self._intent is not None
