@@ -20,6 +20,7 @@ import pytest
 
 from dermfs import content, format
 from dermfs.content import ContentFile
+from dermfs.intent import read_pending
 from dermfs.volume import Volume
 
 BLOCK = 4096
@@ -130,3 +131,118 @@ def test_running_out_of_space_leaves_the_file_as_it_was(
             path.unlink()
 
     assert outcomes == {"failed", "done"}
+
+
+@contextmanager
+def failing_write(monkeypatch: pytest.MonkeyPatch, fd: int, number: int) -> Iterator[None]:
+    """Make write number *number* (from 0) to *fd* fail with ENOSPC, writing nothing."""
+    real_pwrite = os.pwrite
+    calls = [0]
+
+    def pwrite(target: int, buffer: Any, offset: int) -> int:
+        if target == fd:
+            calls[0] += 1
+            if calls[0] - 1 == number:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(target, buffer, offset)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "pwrite", pwrite)
+        yield
+
+
+def out_of_space_cases() -> Iterator[tuple[str, int]]:
+    for free_blocks in range(6):
+        yield "free blocks", free_blocks
+    for number in range(4):
+        yield "failing append", number
+
+
+def test_an_intent_log_out_of_space_still_covers_every_overwrite(
+    volume: Volume, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert volume.intent is not None
+    geometry = volume.geometry
+    outcomes = set()
+    for kind, amount in out_of_space_cases():
+        path = volume.store / f"file-{amount}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            file = volume.create_file(fd, os.fstat(fd).st_ino, path.name)
+            file.write(0, data(4 * C + 10, 10))
+            file.checkpoint()
+            before = path.read_bytes()
+
+            failed = False
+            log_fd = volume.intent._fd
+            if kind == "free blocks":
+                disk = disk_with_free_blocks(monkeypatch, log_fd, amount)
+            else:
+                disk = failing_write(monkeypatch, log_fd, amount)
+            with disk:
+                try:
+                    file.write(C + 1, data(2 * C, 11))
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC
+                    failed = True
+            outcomes.add("failed" if failed else "done")
+            if failed:
+                # The file is untouched, and once there is space again the write works.
+                assert path.read_bytes() == before
+                file.write(C + 1, data(2 * C, 11))
+
+            # The log now lets a recovery put back each chunk the write overwrote.
+            log_path = volume.store / format.INTENT_FILE
+            pending = {entry.inode: entry for entry in read_pending(log_path, volume._intent_mac)}
+            assert file.inode in pending, (kind, amount)
+            saved = pending[file.inode].saved
+            for chunk_index in range(1, 4):
+                start = geometry.chunk_offset(chunk_index)
+                expected = before[start : start + geometry.slot_size]
+                assert saved.get(chunk_index) == expected, (kind, amount, chunk_index)
+            file.checkpoint()
+        finally:
+            os.close(fd)
+            path.unlink()
+
+    assert outcomes == {"failed", "done"}
+
+
+def test_a_truncate_that_fails_to_log_keeps_later_overwrites_covered(
+    volume: Volume, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert volume.intent is not None
+    geometry = volume.geometry
+    failures = 0
+    for number in range(4):
+        path = volume.store / f"file-{number}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            file = volume.create_file(fd, os.fstat(fd).st_ino, path.name)
+            file.write(0, data(4 * C + 10, 12))
+            file.checkpoint()
+            before = path.read_bytes()
+
+            with failing_write(monkeypatch, volume.intent._fd, number):
+                try:
+                    file.truncate(C + C // 2)
+                except OSError:
+                    failures += 1
+                    assert path.read_bytes() == before
+                    # Chunk 2 is still there, and still durable: overwriting it in place
+                    # must save its old bytes first.
+                    file.write(2 * C + 5, data(100, 13))
+                    log_path = volume.store / format.INTENT_FILE
+                    pending = read_pending(log_path, volume._intent_mac)
+                    saved = {index for entry in pending for index in entry.saved}
+                    assert 2 in saved, number
+                    start = geometry.chunk_offset(2)
+                    assert [entry.saved.get(2) for entry in pending] == [
+                        before[start : start + geometry.slot_size]
+                    ]
+            file.checkpoint()
+        finally:
+            os.close(fd)
+            path.unlink()
+
+    assert failures
