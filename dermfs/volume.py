@@ -74,6 +74,17 @@ def create_store(store: Path, provider: KeyProvider, chunk_size: int) -> None:
     log.info("created store %s", store)
 
 
+#: Why a volume with two key slots is refused (``docs/format.md`` section 2.2).
+REKEY_IN_PROGRESS = "a rekey was interrupted; run `dermfs rekey CONFIG` to finish it"
+
+
+def _check_slots(volume_file: format.VolumeFile) -> None:
+    """Refuse key slots other than one, or two of consecutive generations (a rekey)."""
+    generations = sorted(slot.generation for slot in volume_file.keys)
+    if len(generations) > 2 or (len(generations) == 2 and generations[1] != generations[0] + 1):
+        raise FormatError("volume file: keys must hold one slot, or two of consecutive generations")
+
+
 def _slot_from_wrapped(generation: int, wrapped: WrappedKey) -> format.KeySlot:
     return format.KeySlot(
         generation=generation,
@@ -170,16 +181,29 @@ class Volume:
     # -------------------------------------------------------------------------- opening
 
     @classmethod
-    def open(cls, store: Path, provider: KeyProvider) -> Volume:
+    def open(
+        cls, store: Path, provider: KeyProvider, *, allow_rekey_in_progress: bool = False
+    ) -> Volume:
         """Unlock the store at *store* with *provider*.
 
+        Args:
+            store: the store directory.
+            provider: the key provider that unwraps the volume key.
+            allow_rekey_in_progress: open a volume file with two key slots, which an
+                interrupted ``dermfs rekey`` leaves (``docs/format.md`` section 2.2).
+                Only ``rekey`` and ``fsck`` do; everything else refuses such a volume.
+
         Raises:
-            StoreError: *store* is not a store.
+            StoreError: *store* is not a store, or a rekey was interrupted and
+                *allow_rekey_in_progress* is false.
             FormatError: the volume file is malformed or of an unknown version or feature.
             WrongKeyError: the key does not unwrap, or does not match the volume file.
             KeyProviderError: the provider could not be used.
         """
         volume_file = read_volume_file(store)
+        _check_slots(volume_file)
+        if len(volume_file.keys) > 1 and not allow_rekey_in_progress:
+            raise StoreError(REKEY_IN_PROGRESS)
         keys: dict[int, SecretKey] = {}
         for slot in volume_file.keys:
             if slot.provider != provider.name:
