@@ -12,9 +12,10 @@ import errno
 import fcntl
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from dermfs import content, format
 from dermfs.content import ContentFile, FileKeys
@@ -136,6 +137,14 @@ def read_volume_file(store: Path) -> format.VolumeFile:
     return format.parse_volume_file(data)
 
 
+class Transforms(NamedTuple):
+    """The transforms of one key generation (see :meth:`Volume.transforms`)."""
+
+    names: NameTransform
+    symlinks: SymlinkTransform
+    xattrs: XattrTransform
+
+
 @dataclass
 class RecoveryReport:
     """What crash recovery did at open."""
@@ -151,29 +160,24 @@ class Volume:
     def __init__(self, store: Path, volume_file: format.VolumeFile, keys: dict[int, SecretKey]):
         """Use :meth:`open` instead; this takes already unwrapped and checked keys."""
         self.store = store
-        self.volume_file = volume_file
         self.volume_id = volume_file.volume_id
         self.geometry = format.ChunkGeometry(volume_file.chunk_size)
+        self.intent: IntentLog | None = None
+        self._lock_fd: int | None = None
+        self._use_keys(volume_file, keys)
+
+    def _use_keys(self, volume_file: format.VolumeFile, keys: dict[int, SecretKey]) -> None:
+        """Make *keys* (one per slot of *volume_file*) the keys this volume works with."""
+        self.volume_file = volume_file
         self.generation = volume_file.current_key.generation
         self._keys = keys
         current = keys[self.generation]
-
         self._header_ciphers = {
             generation: Aead(derive_subkey(key, Purpose.HEADER, self.volume_id))
             for generation, key in keys.items()
         }
-        self.names = NameTransform(Siv(derive_subkey(current, Purpose.NAMES, self.volume_id)))
-        self.symlinks = SymlinkTransform(
-            Aead(derive_subkey(current, Purpose.SYMLINKS, self.volume_id)), self.volume_id
-        )
-        self.xattrs = XattrTransform(
-            Siv(derive_subkey(current, Purpose.XATTR_NAMES, self.volume_id)),
-            Aead(derive_subkey(current, Purpose.XATTR_VALUES, self.volume_id)),
-            self.volume_id,
-        )
+        self.names, self.symlinks, self.xattrs = self.transforms(self.generation)
         self._intent_mac = Mac(derive_subkey(current, Purpose.INTENT_LOG, self.volume_id))
-        self.intent: IntentLog | None = None
-        self._lock_fd: int | None = None
 
     def __repr__(self) -> str:
         return f"<Volume {self.store}>"
@@ -224,9 +228,118 @@ class Volume:
             ) from None
         return cls(store, volume_file, keys)
 
-    def audit_key(self) -> SecretKey:
-        """Return the audit journal's subkey."""
-        return derive_subkey(self._keys[self.generation], Purpose.AUDIT, self.volume_id)
+    @property
+    def generations(self) -> tuple[int, ...]:
+        """The key generations this volume holds, oldest first (two during a rekey)."""
+        return tuple(sorted(self._keys))
+
+    def audit_key(self, generation: int | None = None) -> SecretKey:
+        """Return the audit journal's subkey, of the current generation by default."""
+        key = self._keys[self.generation if generation is None else generation]
+        return derive_subkey(key, Purpose.AUDIT, self.volume_id)
+
+    def transforms(self, generation: int) -> Transforms:
+        """Return the name, symlink and xattr transforms of one key generation.
+
+        :attr:`names`, :attr:`symlinks` and :attr:`xattrs` are those of the current
+        generation; ``rekey`` also needs the previous one's.
+
+        Raises:
+            KeyError: the volume holds no key of *generation*.
+        """
+        key = self._keys[generation]
+        return Transforms(
+            NameTransform(Siv(derive_subkey(key, Purpose.NAMES, self.volume_id))),
+            SymlinkTransform(
+                Aead(derive_subkey(key, Purpose.SYMLINKS, self.volume_id)), self.volume_id
+            ),
+            XattrTransform(
+                Siv(derive_subkey(key, Purpose.XATTR_NAMES, self.volume_id)),
+                Aead(derive_subkey(key, Purpose.XATTR_VALUES, self.volume_id)),
+                self.volume_id,
+            ),
+        )
+
+    def write_volume_file(
+        self,
+        slots: Sequence[format.KeySlot],
+        new_keys: Mapping[int, SecretKey] | None = None,
+    ) -> None:
+        """Replace the volume file by one holding *slots*, and work with their keys from now on.
+
+        The new file is signed under the newest slot's key and written atomically. The key
+        of every slot must be known: one this volume holds, or one in *new_keys* (a key
+        ``rekey`` has just made). Keys of generations no slot names any more are wiped.
+        If the current generation changes while the intent log is open, the log is
+        started again under the new generation's MAC key.
+
+        Args:
+            slots: the key slots, one or two (``docs/format.md`` sections 2 and 2.2).
+            new_keys: unwrapped keys of generations this volume does not hold yet, by
+                generation; the volume takes them over.
+
+        Raises:
+            FormatError: the slots are not one, or two of consecutive generations.
+            KeyError: a slot's key is not known.
+            StoreError: the current generation would change while a file is dirty.
+            OSError: the volume file could not be written.
+        """
+        keys = {**self._keys, **(new_keys or {})}
+        chosen = {slot.generation: keys[slot.generation] for slot in slots}
+        unsigned = format.VolumeFile(
+            self.volume_id, self.volume_file.chunk_size, tuple(slots), self.volume_file.features
+        )
+        _check_slots(unsigned)
+        newest = chosen[unsigned.current_key.generation]
+        changes_generation = unsigned.current_key.generation != self.generation
+        if changes_generation and self.intent is not None and self.intent.dirty_inodes:
+            raise StoreError("cannot change the volume key while files are being written")
+
+        mac = Mac(derive_subkey(newest, Purpose.VOLUME_FILE, self.volume_id))
+        signed = format.VolumeFile(
+            self.volume_id,
+            unsigned.chunk_size,
+            unsigned.keys,
+            unsigned.features,
+            mac=mac.tag(unsigned.canonical()),
+        )
+        _write_file_atomically(self.store, format.VOLUME_FILE, signed.to_bytes())
+        log.info("wrote the volume file with key generation(s) %s", sorted(chosen))
+
+        for generation, key in keys.items():
+            if generation not in chosen:
+                key.wipe()
+        self._use_keys(signed, chosen)
+        if changes_generation and self.intent is not None:
+            self.intent.close()
+            self.intent = IntentLog(self.store / format.INTENT_FILE, self._intent_mac)
+
+    def rewrap_file_header(self, data: bytes, generation: int) -> bytes:
+        """Return the header *data* with its file key rewrapped under *generation*.
+
+        The file id and the file key stay the same, so the file's chunks stay valid.
+
+        Raises:
+            IntegrityError: the header is malformed, of an unknown key generation, or
+                does not authenticate.
+            KeyError: the volume holds no key of *generation*.
+        """
+        cipher = self._header_ciphers[generation]
+        try:
+            header = format.parse_header(data)
+        except FormatError as exc:
+            raise IntegrityError(str(exc)) from None
+        old_cipher = self._header_ciphers.get(header.generation)
+        if old_cipher is None:
+            raise IntegrityError("file header names an unknown key generation")
+        file_key = unwrap_key_with(
+            old_cipher, header.wrapped_key, header.aad_prefix() + self.volume_id
+        )
+        try:
+            prefix = format.pack_header_prefix(generation, header.file_id)
+            return prefix + wrap_key_with(cipher, file_key, prefix + self.volume_id)
+        finally:
+            file_key.wipe()
 
     def lock(self) -> None:
         """Take the store's lock, so that no second process writes it at the same time.
