@@ -30,12 +30,15 @@ class CacheSettings:
         entry_timeout: seconds the kernel keeps names (and negative lookups).
         keep_cache: whether an open keeps the page cache of earlier opens.
         writeback_cache: whether the kernel may gather writes in its page cache.
+        read_ahead_kb: the mount's read-ahead window, set after mounting (as root);
+            0 leaves the kernel's default.
     """
 
-    attr_timeout: float = 1.0
-    entry_timeout: float = 1.0
+    attr_timeout: float = 10.0
+    entry_timeout: float = 10.0
     keep_cache: bool = False
-    writeback_cache: bool = False
+    writeback_cache: bool = True
+    read_ahead_kb: int = 1024
 
 
 @dataclass(frozen=True)

@@ -136,12 +136,3 @@ def remove_debris(parent_fd: int, entry: str) -> None:
     finally:
         os.close(fd)
     os.rmdir(entry, dir_fd=parent_fd)
-
-
-def fsync_directory(root_fd: int, path: str) -> None:
-    """Make a backing directory's entries durable."""
-    fd = open_directory(root_fd, path)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

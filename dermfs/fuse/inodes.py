@@ -83,6 +83,7 @@ class InodeTable:
         self._root_backing = root_backing_inode
         root = Node(ROOT_INODE, stat.S_IFDIR, lookups=1)
         self._nodes: dict[int, Node] = {ROOT_INODE: root}
+        self._by_link: dict[LinkKey, int] = {}
         self._generations: dict[int, int] = {}
 
     def __len__(self) -> int:
@@ -245,15 +246,9 @@ class InodeTable:
             self._maybe_drop(node)
 
     def node_at(self, parent: int, name: bytes) -> Node | None:
-        """Return the node that has the link *name* in *parent*, if it is in the table.
-
-        The search goes through every node; it is used by unlink, rmdir and rename only.
-        """
-        key = (parent, name)
-        for node in self._nodes.values():
-            if key in node.links:
-                return node
-        return None
+        """Return the node that has the link *name* in *parent*, if it is in the table."""
+        inode = self._by_link.get((parent, name))
+        return None if inode is None else self._nodes.get(inode)
 
     def move_link(
         self, parent: int, name: bytes, new_parent: int, new_name: bytes, new_entry: str
@@ -288,7 +283,13 @@ class InodeTable:
     # -------------------------------------------------------------------------- bookkeeping
 
     def _add_link(self, node: Node, key: LinkKey, entry: str) -> None:
+        other = self.node_at(*key)
+        if other is not None and other is not node:
+            # The name now stands for another object; the old node lost it.
+            self._drop_link(other, key)
+            self._maybe_drop(other)
         node.links[key] = entry
+        self._by_link[key] = node.inode
         parent = self._nodes.get(key[0])
         if parent is not None:
             parent.children += 1
@@ -296,6 +297,8 @@ class InodeTable:
     def _drop_link(self, node: Node, key: LinkKey) -> None:
         if node.links.pop(key, None) is None:
             return
+        if self._by_link.get(key) == node.inode:
+            del self._by_link[key]
         parent = self._nodes.get(key[0])
         if parent is not None:
             parent.children -= 1

@@ -177,13 +177,15 @@ def _record_pid(store: Path) -> None:
 async def _main(operations: DermfsOperations, mountpoint: Path, readiness: Readiness) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, mountpoint)
-        nursery.start_soon(_announce, mountpoint, readiness)
+        nursery.start_soon(_announce, mountpoint, readiness, operations.cache.read_ahead_kb)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
-async def _announce(mountpoint: Path, readiness: Readiness) -> None:
+async def _announce(mountpoint: Path, readiness: Readiness, read_ahead_kb: int) -> None:
     await trio.to_thread.run_sync(_wait_answering, mountpoint)
+    if read_ahead_kb:
+        await trio.to_thread.run_sync(_set_read_ahead, mountpoint, read_ahead_kb)
     log.info("mounted on %s", mountpoint)
     readiness.ready()
     daemon.notify_systemd(f"READY=1\nMAINPID={os.getpid()}")
@@ -199,6 +201,17 @@ def _wait_answering(mountpoint: Path) -> None:
         if time.monotonic() > deadline:
             raise MountError(f"the mount on {mountpoint} did not appear")
         time.sleep(0.01)
+
+
+def _set_read_ahead(mountpoint: Path, read_ahead_kb: int) -> None:
+    """Widen the mount's read-ahead, so that sequential reads come in large requests."""
+    device = os.stat(mountpoint).st_dev
+    path = f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb"
+    try:
+        with open(path, "w", encoding="ascii") as setting:
+            setting.write(str(read_ahead_kb))
+    except OSError as exc:
+        log.debug("could not set %s: %s", path, exc.strerror)
 
 
 async def _watch_signals(mountpoint: Path) -> None:

@@ -316,7 +316,11 @@ class DermfsOperations(NamespaceHandlers):
         """Make a directory's entries durable."""
         log.debug("fsyncdir(fh %d)", fh)
         path = self.inodes.backing_path(self.handles.directory(fh).inode)
-        await self._in_thread(backing.fsync_directory, self._root_fd, path)
+        fd = backing.open_directory(self._root_fd, path)
+        try:
+            await self._in_thread(os.fsync, fd)
+        finally:
+            os.close(fd)
 
     # -------------------------------------------------------------------------- xattrs
 

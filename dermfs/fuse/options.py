@@ -10,8 +10,8 @@ Passed to FUSE: ``allow_other`` (also from ``mount.allow_other``), ``allow_root`
 ``noatime``, ``nosuid``, ``nodev``, ``noexec`` and the like).
 
 dermfs's own: ``attr_timeout=S``, ``entry_timeout=S``, ``keep_cache`` / ``nokeep_cache``,
-``writeback_cache`` / ``nowriteback_cache`` (defaults chosen by measurement, see
-``docs/fuse.md``), and ``log=PATH`` or ``log=syslog`` for where a background daemon
+``writeback_cache`` / ``nowriteback_cache``, ``read_ahead_kb=N`` (defaults chosen by
+measurement, see ``docs/fuse.md``), and ``log=PATH`` or ``log=syslog`` for where a background daemon
 logs (syslog by default).
 
 Ignored, because ``mount(8)`` and fstab use them: ``defaults``, ``auto``, ``noauto``,
@@ -141,6 +141,8 @@ def parse_options(
             cache = replace(cache, attr_timeout=_seconds(key, value))
         elif key == "entry_timeout" and has_value:
             cache = replace(cache, entry_timeout=_seconds(key, value))
+        elif key == "read_ahead_kb" and has_value:
+            cache = replace(cache, read_ahead_kb=_kibibytes(key, value))
         elif key in ("keep_cache", "writeback_cache") and not has_value:
             cache = replace(cache, **{key: True})
         elif key in ("nokeep_cache", "nowriteback_cache") and not has_value:
@@ -159,6 +161,7 @@ def parse_options(
 
 _CACHE_KEYS = frozenset(
     {
+        "read_ahead_kb",
         "attr_timeout",
         "entry_timeout",
         "keep_cache",
@@ -177,6 +180,16 @@ def _seconds(key: str, value: str) -> float:
     if not 0 <= seconds <= 86400:
         raise MountError(f"mount option {key}: must be from 0 to 86400 seconds")
     return seconds
+
+
+def _kibibytes(key: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise MountError(f"mount option {key}: not an integer") from None
+    if not 0 <= number <= 65536:
+        raise MountError(f"mount option {key}: must be from 0 to 65536")
+    return number
 
 
 def _positive_int(key: str, value: str) -> int:

@@ -135,13 +135,14 @@ class Mount:
 
     volume: Volume
     path: Path
+    options: list[str] = field(default_factory=list)
     log_offset: int = 0
-    remounts: int = field(default=0)
+    remounts: int = 0
 
     def remount(self) -> None:
-        """Unmount cleanly and mount again (checking both steps)."""
+        """Unmount cleanly and mount again with the same options (checking both steps)."""
         unmount(self.volume)
-        result = self.volume.mount()
+        result = self.volume.mount(*self.options)
         assert result.returncode == 0, result.stderr
         self.remounts += 1
 
@@ -209,13 +210,13 @@ def volume(tmp_path: Path) -> Iterator[Volume]:
             assert not left, f"mounts left behind: {left}"
 
 
-@pytest.fixture
-def mounted(volume: Volume, request: pytest.FixtureRequest) -> Iterator[Mount]:
-    """The volume, mounted by ``dermfs mount``; unmounted again in teardown."""
-    result = volume.mount()
+def mount_volume(volume: Volume, request: pytest.FixtureRequest, *options: str) -> Iterator[Mount]:
+    """Mount *volume* with *options*, yield it, and unmount it again (for fixtures)."""
+    extra = ["-o", ",".join(options)] if options else []
+    result = volume.mount(*extra)
     assert result.returncode == 0, result.stderr
     assert is_mounted(volume.mountpoint)
-    mount = Mount(volume, volume.mountpoint)
+    mount = Mount(volume, volume.mountpoint, options=extra)
     yield mount
     unmount(volume)
     if request.node.get_closest_marker("expect_log") is None:
@@ -225,3 +226,9 @@ def mounted(volume: Volume, request: pytest.FixtureRequest) -> Iterator[Mount]:
             if line.startswith(("WARNING", "ERROR", "CRITICAL"))
         ]
         assert not bad, "the daemon logged:\n" + "\n".join(bad)
+
+
+@pytest.fixture
+def mounted(volume: Volume, request: pytest.FixtureRequest) -> Iterator[Mount]:
+    """The volume, mounted by ``dermfs mount`` with default options; unmounted after."""
+    yield from mount_volume(volume, request)

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.mount.conftest import Mount
+from tests.mount.conftest import Mount, Volume, mount_volume
 
 pytestmark = pytest.mark.mount
 
 CHUNK = 65536
+
+
+@pytest.fixture(params=["writeback_cache", "nowriteback_cache"])
+def mounted(volume: Volume, request: pytest.FixtureRequest) -> Iterator[Mount]:
+    """The volume mounted with and without the kernel's writeback cache."""
+    yield from mount_volume(volume, request, request.param)
 
 
 def test_create_read_write_at_offsets(mounted: Mount) -> None:
