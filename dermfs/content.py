@@ -56,6 +56,26 @@ class FileKeys:
         """Seal one chunk."""
         return self.cipher.seal(plaintext, self.aad(chunk_index, last))
 
+    def seal_into(
+        self,
+        chunk_index: int,
+        plaintext: bytes | bytearray | memoryview,
+        last: bool,
+        out: memoryview,
+    ) -> None:
+        """Seal one chunk into *out*, which is ``len(plaintext) + 28`` bytes long."""
+        self.cipher.seal_into(plaintext, self.aad(chunk_index, last), out)
+
+    def open_into(
+        self, chunk_index: int, sealed: bytes | bytearray | memoryview, last: bool, out: memoryview
+    ) -> None:
+        """Open one chunk into *out*, which is ``len(sealed) - 28`` bytes long.
+
+        Raises:
+            IntegrityError: the chunk does not authenticate at this index with this flag.
+        """
+        self.cipher.open_into(sealed, self.aad(chunk_index, last), out)
+
     def open(self, chunk_index: int, sealed: bytes | memoryview, last: bool) -> bytes:
         """Open one chunk.
 
@@ -116,6 +136,10 @@ class ContentFile:
         self._lock = threading.Lock()
         self._dirty: _DirtyState | None = None
         self._tail: tuple[int, bytes] | None = None
+        # Scratch space for the sealed bytes of one call, reused to spare the allocator;
+        # reading and writing have their own, because a write reads old chunks.
+        self._read_scratch = bytearray()
+        self._write_scratch = bytearray()
         self._size = self._geometry.plaintext_size_lenient(os.fstat(fd).st_size)
 
     @property
@@ -128,7 +152,7 @@ class ContentFile:
         """The plaintext size in bytes."""
         return self._size
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytearray:
         """Return up to *length* bytes from *offset*; fewer at the end of the file.
 
         Raises:
@@ -191,10 +215,10 @@ class ContentFile:
 
     # -------------------------------------------------------------------------- reading
 
-    def _read(self, offset: int, length: int) -> bytes:
+    def _read(self, offset: int, length: int) -> bytearray:
         size = self._size
         if offset >= size or length <= 0:
-            return b""
+            return bytearray()
         end = min(size, offset + length)
 
         geometry = self._geometry
@@ -208,32 +232,41 @@ class ContentFile:
             + format.CHUNK_OVERHEAD
             + geometry.chunk_length(size, last_needed)
         )
-        blob = memoryview(os.pread(self._fd, stop_byte - start_byte, start_byte))
-        if len(blob) != stop_byte - start_byte:
+        self._read_scratch = _at_least(self._read_scratch, stop_byte - start_byte)
+        blob = memoryview(self._read_scratch)[: stop_byte - start_byte]
+        if os.preadv(self._fd, [blob], start_byte) != len(blob):
             raise IntegrityError(f"inode {self.inode}: chunk {last_needed} is cut short")
 
-        parts = []
+        result = bytearray(end - offset)
+        out = memoryview(result)
         position = 0
         for chunk_index in range(first, last_needed + 1):
-            sealed_length = geometry.chunk_length(size, chunk_index) + format.CHUNK_OVERHEAD
-            sealed = blob[position : position + sealed_length]
-            position += sealed_length
-            plaintext = self._open_chunk(chunk_index, sealed, chunk_index == final_index)
+            chunk_length = geometry.chunk_length(size, chunk_index)
+            sealed = blob[position : position + chunk_length + format.CHUNK_OVERHEAD]
+            position += chunk_length + format.CHUNK_OVERHEAD
             chunk_start = chunk_index * chunk_size
-            lo = max(offset, chunk_start) - chunk_start
-            hi = min(end, chunk_start + chunk_size) - chunk_start
-            parts.append(plaintext if (lo, hi) == (0, len(plaintext)) else plaintext[lo:hi])
-        return b"".join(parts)
+            lo = max(offset, chunk_start)
+            hi = min(end, chunk_start + chunk_length)
+            last = chunk_index == final_index
+            if (lo, hi) == (chunk_start, chunk_start + chunk_length):
+                self._open_chunk_into(chunk_index, sealed, last, out[lo - offset : hi - offset])
+            else:
+                whole = bytearray(chunk_length)
+                self._open_chunk_into(chunk_index, sealed, last, memoryview(whole))
+                out[lo - offset : hi - offset] = whole[lo - chunk_start : hi - chunk_start]
+        return result
 
-    def _open_chunk(self, chunk_index: int, sealed: bytes | memoryview, last: bool) -> bytes:
+    def _open_chunk_into(
+        self, chunk_index: int, sealed: memoryview, last: bool, out: memoryview
+    ) -> None:
         try:
-            return self._keys.open(chunk_index, sealed, last)
+            self._keys.open_into(chunk_index, sealed, last, out)
         except IntegrityError:
             raise IntegrityError(
                 f"inode {self.inode}: chunk {chunk_index} failed to authenticate"
             ) from None
 
-    def _old_plaintext(self, chunk_index: int, old_size: int) -> bytes:
+    def _old_plaintext(self, chunk_index: int, old_size: int) -> bytes | bytearray:
         """Return the current plaintext of one existing chunk, from the cache or the disk."""
         if self._tail is not None and self._tail[0] == chunk_index:
             return self._tail[1]
@@ -263,18 +296,25 @@ class ContentFile:
         self._mark_dirty()
         self._save_before_overwrite(range(first, min(last, old_count - 1) + 1))
 
-        sealed_chunks = []
-        plaintext = bytearray()
+        start = geometry.chunk_offset(first)
+        image_size = geometry.chunk_offset(last) + format.CHUNK_OVERHEAD
+        image_size += geometry.chunk_length(new_size, last) - start
+        self._write_scratch = _at_least(self._write_scratch, image_size)
+        image = memoryview(self._write_scratch)[:image_size]
+        position = 0
+        plaintext: bytes | bytearray | memoryview = b""
         for chunk_index in range(first, last + 1):
             plaintext = self._merged_chunk(chunk_index, offset, data, old_size, new_size)
+            sealed_length = len(plaintext) + format.CHUNK_OVERHEAD
             final = chunk_index == new_count - 1
-            sealed_chunks.append(self._keys.seal(chunk_index, plaintext, final))
+            self._keys.seal_into(
+                chunk_index, plaintext, final, image[position : position + sealed_length]
+            )
+            position += sealed_length
 
         # Everything past the old end first: new chunks, and the bytes by which the old
         # final chunk grows. Running out of space there leaves the existing chunks
         # untouched; the bytes rewritten in place afterwards need no new space.
-        image = memoryview(b"".join(sealed_chunks))
-        start = geometry.chunk_offset(first)
         old_end = geometry.backing_size(old_size)
         self._tail = None
         if start + len(image) > old_end:
@@ -289,7 +329,7 @@ class ContentFile:
 
     def _merged_chunk(
         self, chunk_index: int, offset: int, data: bytes | memoryview, old_size: int, new_size: int
-    ) -> bytearray:
+    ) -> bytearray | memoryview:
         """Return the new plaintext of one chunk: old bytes, zeros, and the new data."""
         chunk_size = self._geometry.chunk_size
         chunk_start = chunk_index * chunk_size
@@ -297,6 +337,11 @@ class ContentFile:
         old_length = self._geometry.chunk_length(old_size, chunk_index)
         data_lo = max(offset, chunk_start) - chunk_start
         data_hi = min(offset + len(data), chunk_start + new_length) - chunk_start
+
+        if data_lo == 0 and data_hi == new_length:
+            # The new data covers the whole chunk: seal it where it lies.
+            source_lo = chunk_start - offset
+            return memoryview(data)[source_lo : source_lo + new_length]
 
         plaintext = bytearray(new_length)
         covered = data_hi > data_lo and data_lo == 0 and data_hi >= old_length
@@ -369,6 +414,11 @@ class ContentFile:
         assert self._intent is not None
         self._intent.clean(self.inode)
         self._dirty = None
+
+
+def _at_least(buffer: bytearray, size: int) -> bytearray:
+    """Return *buffer* if it holds *size* bytes, else a new, larger one."""
+    return buffer if len(buffer) >= size else bytearray(max(size, 2 * len(buffer)))
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

@@ -174,6 +174,37 @@ class Aead:
         """Seal with a caller's nonce. Only the known-answer tests may call this."""
         return nonce + self._cipher.encrypt(nonce, plaintext, aad)
 
+    def seal_into(
+        self, plaintext: bytes | bytearray | memoryview, aad: bytes, out: memoryview
+    ) -> None:
+        """Seal like :meth:`seal`, writing ``nonce || ciphertext || tag`` into *out*.
+
+        *out* must be exactly ``len(plaintext) + SEAL_OVERHEAD`` bytes long. This saves the
+        copies of :meth:`seal` on the content layer's hot path.
+        """
+        nonce = os.urandom(NONCE_SIZE)
+        out[:NONCE_SIZE] = nonce
+        self._cipher.encrypt_into(nonce, plaintext, aad, out[NONCE_SIZE:])
+
+    def open_into(
+        self, sealed: bytes | bytearray | memoryview, aad: bytes, out: memoryview
+    ) -> None:
+        """Open like :meth:`open`, writing the plaintext into *out*.
+
+        *out* must be exactly ``len(sealed) - SEAL_OVERHEAD`` bytes long. On failure its
+        contents are unspecified and must not be used.
+
+        Raises:
+            IntegrityError: the blob is too short, was changed, or *aad* differs.
+        """
+        if len(sealed) < SEAL_OVERHEAD:
+            raise IntegrityError("sealed data is too short")
+        view = memoryview(sealed)
+        try:
+            self._cipher.decrypt_into(view[:NONCE_SIZE], view[NONCE_SIZE:], aad, out)
+        except InvalidTag:
+            raise IntegrityError("authentication failed") from None
+
     def open(self, sealed: bytes | bytearray | memoryview, aad: bytes) -> bytes:
         """Verify and decrypt a blob made by :meth:`seal`.
 

@@ -168,7 +168,7 @@ class PlainTree:
             fd = os.open(entry, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
             try:
                 content = self.volume.open_file(fd, os.fstat(fd).st_ino)
-                return content.read(0, content.size)
+                return bytes(content.read(0, content.size))
             finally:
                 os.close(fd)
 
