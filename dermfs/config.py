@@ -27,8 +27,10 @@ terminal). With a passphrase, ``kdf`` (``argon2id`` by default, or ``scrypt``) a
 ``transit_mount`` (default ``transit``), ``ca_file`` (default: the system's trusted CAs),
 ``client_cert`` with ``client_key``, and ``retry_seconds`` (default 30). ``auth.method`` is
 ``token`` (with ``token_file``), ``approle`` (with ``role_id`` and ``secret_id_file``) or
-``cert`` (with ``kms.client_cert`` and ``kms.client_key``). ``pkcs11`` takes ``module``,
-``token_label``, ``key_label``, ``pin_file`` and optionally ``retry_seconds``.
+``cert`` (with ``kms.client_cert`` and ``kms.client_key``); ``approle`` and ``cert`` take
+an optional ``mount``, the auth method's path when it is not its own name. ``pkcs11``
+takes ``module``, ``token_label``, ``key_label``, ``pin_file`` and optionally
+``retry_seconds``.
 
 Rules: an unknown key is refused by its dotted name, and so is a key of another provider
 or auth method; a value of the wrong type or out of range gets a one-line error naming its
@@ -102,12 +104,15 @@ class OpenbaoAuthConfig:
         token_file: for ``token``, the file holding the token.
         role_id: for ``approle``, the role id.
         secret_id_file: for ``approle``, the file holding the secret id.
+        mount: for ``approle`` and ``cert``, where the auth method is mounted, if not at
+            its own name (``auth/approle``, ``auth/cert``).
     """
 
     method: str
     token_file: Path | None = None
     role_id: str | None = None
     secret_id_file: Path | None = None
+    mount: str | None = None
 
 
 @dataclass(frozen=True)
@@ -315,8 +320,8 @@ _PKCS11_KEYS = frozenset(
 _KEYS_BY_PROVIDER = {"local": _LOCAL_KEYS, "openbao": _OPENBAO_KEYS, "pkcs11": _PKCS11_KEYS}
 _AUTH_KEYS_BY_METHOD = {
     "token": frozenset({"method", "token_file"}),
-    "approle": frozenset({"method", "role_id", "secret_id_file"}),
-    "cert": frozenset({"method"}),
+    "approle": frozenset({"method", "role_id", "secret_id_file", "mount"}),
+    "cert": frozenset({"method", "mount"}),
 }
 
 
@@ -393,8 +398,9 @@ def _load_auth(table: _Table) -> OpenbaoAuthConfig:
             method,
             role_id=table.required("role_id", str),
             secret_id_file=table.path("secret_id_file"),
+            mount=table.optional("mount", str),
         )
-    return OpenbaoAuthConfig(method)
+    return OpenbaoAuthConfig(method, mount=table.optional("mount", str))
 
 
 def _load_pkcs11(table: _Table) -> Pkcs11KmsConfig:

@@ -201,7 +201,7 @@ def test_openbao_approle_and_cert(tmp_path: Path) -> None:
           key: clinic
           client_cert: /etc/dermfs/client.pem
           client_key: /etc/dermfs/client.key
-          auth: {method: cert}
+          auth: {method: cert, mount: clinic-cert}
         """
         )
         + AUDIT,
@@ -212,9 +212,22 @@ def test_openbao_approle_and_cert(tmp_path: Path) -> None:
     assert approle.retry_seconds == 5.0
     assert approle.auth.role_id == "r-1"
     assert approle.auth.secret_id_file == Path("/etc/dermfs/secret-id")
+    assert approle.auth.mount is None
     assert isinstance(cert, OpenbaoKmsConfig)
     assert cert.client_cert == Path("/etc/dermfs/client.pem")
     assert cert.auth.method == "cert"
+    assert cert.auth.mount == "clinic-cert"
+
+
+def test_openbao_token_login_has_no_mount(tmp_path: Path) -> None:
+    text = (
+        "store: /s\nkms:\n  provider: openbao\n  address: https://bao\n  key: k\n"
+        "  auth: {method: token, token_file: /t, mount: other}\n" + AUDIT
+    )
+
+    message = config_error(tmp_path, text)
+
+    assert "unknown key kms.auth.mount (a key of auth method approle and cert" in message
 
 
 def test_pkcs11(tmp_path: Path) -> None:
