@@ -563,11 +563,13 @@ def test_factory_without_stdin_refuses_a_stdin_passphrase() -> None:
         provider_from_config(LocalKmsConfig(passphrase_stdin=True))
 
 
-def test_factory_has_no_openbao_yet() -> None:
+def test_factory_makes_an_openbao_provider_without_contacting_it() -> None:
     kms = OpenbaoKmsConfig("https://bao:8200", "clinic", OpenbaoAuthConfig("cert"))
 
-    with pytest.raises(KeyProviderError, match="key provider openbao is not available"):
-        provider_from_config(kms)
+    provider = provider_from_config(kms)
+
+    assert provider.name == "openbao"
+    assert provider.describe() == "OpenBao at https://bao:8200"
 
 
 def test_factory_names_a_missing_optional_package(monkeypatch: pytest.MonkeyPatch) -> None:
