@@ -439,8 +439,10 @@ def test_init_with_an_empty_stdin_passphrase(
 
 
 def test_init_with_an_unavailable_provider(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setitem(sys.modules, "pkcs11", None)  # python-pkcs11 not installed
+    monkeypatch.delitem(sys.modules, "dermfs.keys.pkcs11", raising=False)
     config = tmp_path / "clinic.yaml"
     config.write_text(
         "store: store\nkms:\n  provider: pkcs11\n  module: /m.so\n  token_label: t\n"
@@ -450,7 +452,7 @@ def test_init_with_an_unavailable_provider(
     status, _out, err = run(capsys, "init", str(config))
 
     assert status == exitcodes.KEY_PROVIDER
-    assert "pkcs11" in assert_one_error_line(err)
+    assert "needs the Python package python-pkcs11" in assert_one_error_line(err)
 
 
 # ------------------------------------------------------------------------------ logging
