@@ -314,6 +314,35 @@ class Volume:
             self.intent.close()
             self.intent = IntentLog(self.store / format.INTENT_FILE, self._intent_mac)
 
+    def wrap_keys(self, provider: KeyProvider) -> tuple[format.KeySlot, ...]:
+        """Wrap each of this volume's keys anew with *provider*, for ``dermfs rewrap``.
+
+        Each new wrap is unwrapped again and compared with the key before it is returned,
+        so that a wrap the provider cannot undo never reaches the volume file. The volume
+        file is not changed here; pass the slots to :meth:`write_volume_file`.
+
+        Returns:
+            One slot per slot of the volume file, of the same generation, in its order.
+
+        Raises:
+            KeyProviderError: the provider could not wrap or unwrap.
+            WrongKeyError: the new wrap does not unwrap to the same key.
+        """
+        slots = []
+        for slot in self.volume_file.keys:
+            key = self._keys[slot.generation]
+            wrapped = provider.wrap(key, self.volume_id)
+            unwrapped = provider.unwrap(wrapped, self.volume_id)
+            try:
+                if unwrapped != key:
+                    raise WrongKeyError(
+                        f"{provider.describe()}: the new wrap does not unwrap to the volume key"
+                    )
+            finally:
+                unwrapped.wipe()
+            slots.append(_slot_from_wrapped(slot.generation, wrapped))
+        return tuple(slots)
+
     def rewrap_file_header(self, data: bytes, generation: int) -> bytes:
         """Return the header *data* with its file key rewrapped under *generation*.
 
