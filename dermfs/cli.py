@@ -10,7 +10,8 @@
     dermfs [-v] audit query CONFIG [--patient ID] [--path PATH] [--uid UID] [--user USER]
                                    [--since TIME] [--until TIME] [--event EVENT] [--json]
     dermfs [-v] audit report CONFIG --patient ID
-    dermfs [-v] rewrap CONFIG
+    dermfs [-v] rewrap CONFIG [--key-label LABEL | --new-keyfile PATH
+                               | --new-passphrase-file PATH]
     dermfs [-v] rekey CONFIG
     dermfs --version
 
@@ -176,6 +177,23 @@ def _build_parser() -> argparse.ArgumentParser:
 
     sub = command("rewrap", _cmd_rewrap, "rewrap the volume key under the current KMS key")
     config_argument(sub)
+    sub.add_argument(
+        "--key-label",
+        metavar="LABEL",
+        help="pkcs11: wrap under this key on the token instead of kms.key_label",
+    )
+    sub.add_argument(
+        "--new-keyfile",
+        metavar="PATH",
+        type=Path,
+        help="local: wrap under this key file (created, mode 0600, if missing)",
+    )
+    sub.add_argument(
+        "--new-passphrase-file",
+        metavar="PATH",
+        type=Path,
+        help="local: wrap under the passphrase in this file (mode 0600)",
+    )
     sub = command("rekey", _cmd_rekey, "make a new volume key and rewrap every file header")
     config_argument(sub)
 
