@@ -335,9 +335,9 @@ def create_wrapping_key(module: Path, token_label: str, pin: str, key_label: str
     """Generate an AES-256 wrapping key on a token, for administrators and tests.
 
     The key is a token object, private, sensitive and not extractable, and may wrap,
-    unwrap, encrypt and decrypt. ``pkcs11-tool`` (OpenSC) makes the same key with
-    ``--keygen --key-type AES:32 --label LABEL --sensitive --private`` plus
-    ``--usage-wrap --usage-decrypt`` (docs/kms.md).
+    unwrap, encrypt and decrypt. An HSM's own tools, or OpenSC's ``pkcs11-tool
+    --keygen --key-type AES:32``, can make such a key too (docs/kms.md section 4);
+    :meth:`Pkcs11Provider.wrap` refuses one that is extractable or not sensitive.
 
     Args:
         module: the PKCS#11 module.

@@ -1,6 +1,6 @@
 """``dermfs rewrap``: the same volume key, wrapped again under a newer or another KMS key.
 
-The contract is ``docs/rotation.md`` (rewrap) and ``docs/kms.md``. With the store lock
+The contract is ``docs/kms.md`` section 7. With the store lock
 held, so never while the volume is mounted:
 
 1. the volume is unlocked with the configured provider (every slot unwrapped, the volume
