@@ -110,6 +110,11 @@ def _free_port() -> int:
         return port
 
 
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
 @contextlib.contextmanager
 def openbao(directory: Path) -> Iterator[str]:
     """Run ``bao server -dev -dev-tls`` with a Transit key ``bench``; yield the kms lines."""
@@ -131,13 +136,13 @@ def openbao(directory: Path) -> Iterator[str]:
         address = f"https://127.0.0.1:{port}"
         ca_file = certs / "vault-ca.pem"
         deadline = time.monotonic() + 30
-        while not ca_file.exists() or socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+        while not ca_file.exists() or not _listening(port):
             if time.monotonic() > deadline:
                 raise SystemExit("bao server did not start")
             time.sleep(0.1)
         admin = hvac.Client(url=address, token="bench-root", verify=str(ca_file))
         admin.sys.enable_secrets_engine("transit")
-        admin.secrets.transit.create_key(name="bench")
+        admin.secrets.transit.create_key(name="bench")  # type: ignore[no-untyped-call]
         token_file = secret(directory / "bao.token", "bench-root")
         yield (
             f"  provider: openbao\n  address: {address}\n  key: bench\n  ca_file: {ca_file}\n"
