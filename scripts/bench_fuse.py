@@ -124,6 +124,7 @@ def main() -> int:
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--files", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration (median)")
+    parser.add_argument("--keep", action="store_true", help="keep each volume and its log")
     parser.add_argument("-o", dest="configurations", action="append", default=[])
     args = parser.parse_args()
     configurations = args.configurations or ["default"]
@@ -136,7 +137,10 @@ def main() -> int:
             try:
                 runs.append(measure(base, options, args.size_mib, args.files))
             finally:
-                shutil.rmtree(base, ignore_errors=True)
+                if args.keep:
+                    print(f"kept {base}", flush=True)
+                else:
+                    shutil.rmtree(base, ignore_errors=True)
         results[options] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         print(
             options, {key: round(value, 2) for key, value in results[options].items()}, flush=True

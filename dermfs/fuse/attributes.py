@@ -37,7 +37,7 @@ class CacheSettings:
     attr_timeout: float = 10.0
     entry_timeout: float = 10.0
     keep_cache: bool = False
-    writeback_cache: bool = True
+    writeback_cache: bool = False
     read_ahead_kb: int = 1024
 
 

@@ -75,7 +75,6 @@ class DirHandle:
     fh: int
     inode: int
     entries: list[tuple[bytes, str]] | None = None
-    skipped: int = 0
 
 
 @dataclass

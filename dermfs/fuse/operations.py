@@ -51,6 +51,7 @@ import logging
 import os
 import stat
 from collections.abc import Sequence
+from typing import cast
 
 import pyfuse3
 
@@ -121,7 +122,15 @@ class DermfsOperations(NamespaceHandlers):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         """Change mode, owner, size or times of *inode*."""
-        log.debug("setattr(%d, fh %s)", inode, fh)
+        log.debug(
+            "setattr(%d, fh %s, mode %s, owner %s, size %s, times %s)",
+            inode,
+            fh,
+            fields.update_mode,
+            fields.update_uid or fields.update_gid,
+            fields.update_size,
+            fields.update_atime or fields.update_mtime,
+        )
         node = self.inodes.pin(inode)
         try:
             if fields.update_size:
@@ -201,7 +210,8 @@ class DermfsOperations(NamespaceHandlers):
         open_file = self.handles.file(fh).open_file
         open_file.refs += 1
         try:
-            return await self._in_thread(open_file.content.read, off, size)
+            # pyfuse3 replies from any contiguous buffer; its stub says bytes.
+            return cast(bytes, await self._in_thread(open_file.content.read, off, size))
         finally:
             self.handles.drop(open_file)
 
