@@ -8,7 +8,8 @@ Teardown always unmounts, even when the test failed: ``dermfs umount``, then
 ``fusermount3 -u``, then ``fusermount3 -uz`` and SIGKILL of the daemon as a last resort;
 then it asserts that no mount is left under the test's directory. It also fails a test
 whose daemon logged a WARNING or worse, unless the test is marked ``expect_log`` (the
-daemon runs in another process, out of reach of the suite's log guard).
+daemon runs in another process, out of reach of the suite's log guard), and, for those
+same tests, runs ``dermfs fsck`` on the store, which must find it intact.
 """
 
 from __future__ import annotations
@@ -220,6 +221,8 @@ def mount_volume(volume: Volume, request: pytest.FixtureRequest, *options: str) 
     yield mount
     unmount(volume)
     if request.node.get_closest_marker("expect_log") is None:
+        checked = run_dermfs("fsck", volume.config, "--no-progress")
+        assert checked.returncode == 0, f"fsck after the test: {checked.stdout}{checked.stderr}"
         bad = [
             line
             for line in volume.log_text().splitlines()
