@@ -98,6 +98,13 @@ def test_already_mounted_and_store_in_use(mounted: Mount) -> None:
     assert not is_mounted(second)
 
 
+def test_fusermount_missing(volume: Volume) -> None:
+    result = run_dermfs("mount", volume.config, volume.mountpoint, env={"PATH": "/nonexistent"})
+    assert result.returncode == exitcodes.MOUNT
+    assert "fusermount3 is missing" in one_line(result)
+    assert not is_mounted(volume.mountpoint)
+
+
 def test_unknown_option(volume: Volume) -> None:
     result = volume.mount("-o", "bogus_option")
     assert result.returncode == exitcodes.MOUNT
