@@ -311,7 +311,8 @@ class Volume:
                 key.wipe()
         self._use_keys(signed, chosen)
         if changes_generation and self.intent is not None:
-            self.intent.close()
+            intent, self.intent = self.intent, None
+            intent.close()
             self.intent = IntentLog(self.store / format.INTENT_FILE, self._intent_mac)
 
     def wrap_keys(self, provider: KeyProvider) -> tuple[format.KeySlot, ...]:
