@@ -635,7 +635,12 @@ def run_fsck(config: Config, *, progress: bool) -> int:
     from dermfs.keys import provider_from_config
 
     provider = provider_from_config(config.kms, passphrase_stdin=sys.stdin)
-    volume = Volume.open(config.store, provider)
+    volume = Volume.open(config.store, provider, allow_rekey_in_progress=True)
+    if len(volume.generations) > 1:
+        print(
+            "fsck: a rekey was interrupted; entries it has not re-encrypted yet are reported "
+            "as damage until `dermfs rekey CONFIG` finishes it"
+        )
     bar = _ProgressBar(config.store) if progress and sys.stderr.isatty() else None
     try:
         report = check_volume(volume, bar)
