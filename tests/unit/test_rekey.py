@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import random
 import re
@@ -34,7 +35,7 @@ from dermfs import cli, exitcodes, format
 from dermfs.audit import AuditJournal, Event, daemon_caller, read_records, verify
 from dermfs.config import AuditConfig, load_config
 from dermfs.cryptocore import SecretKey
-from dermfs.errors import IntegrityError, StoreError
+from dermfs.errors import FormatError, IntegrityError, StoreError
 from dermfs.fsck import check_volume, count_entries
 from dermfs.keys import provider_from_config
 from dermfs.keys.base import KeyProvider, WrappedKey
@@ -418,6 +419,21 @@ def test_a_mounted_store_is_refused(build: Callable[..., Built]) -> None:
     finally:
         mounted.close()
     assert (built.store / format.VOLUME_FILE).read_bytes() == volume_file
+
+
+@pytest.mark.parametrize("generations", [[1, 3], [1, 2, 3], [2, 2]])
+def test_other_key_slots_than_one_or_two_in_a_row_are_refused(
+    build: Callable[..., Built], generations: list[int]
+) -> None:
+    built = build()
+    path = built.store / format.VOLUME_FILE
+    obj = json.loads(path.read_text())
+    slot = obj["keys"][0]
+    obj["keys"] = [{**slot, "generation": generation} for generation in generations]
+    path.write_text(json.dumps(obj))
+
+    with pytest.raises(FormatError, match="consecutive generations"):
+        Volume.open(built.store, built.provider, allow_rekey_in_progress=True)
 
 
 # ------------------------------------------------------------------------------ interrupted
