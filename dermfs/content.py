@@ -390,12 +390,18 @@ class ContentFile:
         self._intent.dirty(self.inode, self._keys.file_id, backing_size, self.path_hint)
 
     def _save_before_overwrite(self, chunk_indexes: range) -> None:
-        """Save the on-disk bytes of durable chunks about to be overwritten in place."""
+        """Save the on-disk bytes of durable chunks about to be overwritten in place.
+
+        The empty final chunk of an empty file holds no data and is not saved, so that
+        writing a new file costs no fdatasync of the intent log (format section 8).
+        """
         assert self._dirty is not None and self._intent is not None
         to_save = [
             chunk_index
             for chunk_index in chunk_indexes
-            if chunk_index < self._dirty.durable_count and chunk_index not in self._dirty.saved
+            if chunk_index < self._dirty.durable_count
+            and chunk_index not in self._dirty.saved
+            and self._geometry.chunk_length(self._size, chunk_index) > 0
         ]
         if not to_save:
             return
@@ -488,10 +494,12 @@ def repair(fd: int, keys: FileKeys, pending: PendingFile) -> bool:
     geometry = keys.geometry
     slot_size = geometry.slot_size
     backing_size = os.fstat(fd).st_size
-    durable_count = geometry.chunk_count(
-        geometry.plaintext_size_lenient(pending.durable_backing_size)
+    # Chunks that held data when the file became dirty; an empty file's empty final chunk
+    # holds none and is never saved, so it does not count.
+    durable_count = -(
+        -geometry.plaintext_size_lenient(pending.durable_backing_size) // geometry.chunk_size
     )
-    start = min([*pending.saved, durable_count - 1])
+    start = min([*pending.saved, max(durable_count - 1, 0)])
 
     accepted: list[tuple[int, bytes, bool]] = []
     chunk_index = start
