@@ -35,9 +35,11 @@ Concurrency invariants
        ``readdir`` never skips or repeats an entry.
 
 Caveats
-    - An inode whose only known link is unlinked while other hard links we have not seen
-      remain has no path until the kernel looks one of them up again (it does so after
-      ``entry_timeout``); until then ``getattr`` on it fails with ENOENT.
+    - When the only link of an inode we know is unlinked while hard links we were never
+      asked about remain, the inode has no path: a ``getattr`` on it fails with ENOENT
+      (nothing in the kernel can still name it, so this is seen only through an inode
+      number the kernel kept), and the next lookup of another link starts the node
+      afresh with a new generation.
     - RENAME_EXCHANGE needs ``renameat2`` support in the backing filesystem (ext4, xfs,
       btrfs, tmpfs); elsewhere it fails with EINVAL.
     - Special files (devices, FIFOs, sockets) are refused with EPERM: the format stores
