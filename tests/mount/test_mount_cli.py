@@ -41,6 +41,9 @@ def test_mount_and_umount_from_the_command_line(volume: Volume) -> None:
     (volume.mountpoint / "file").write_text("written before umount")
     pid = volume.daemon_pid()
     assert pid is not None and process_running(pid)
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+    assert core.split()[4:6] == ["0", "0"], core  # no core dumps of the daemon's memory
 
     result = volume.umount()
     assert result.returncode == 0, result.stderr
