@@ -26,6 +26,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from dermfs.audit import HandleLog
 from dermfs.content import ContentFile
 from dermfs.errors import IntegrityError
 from dermfs.fuse.inodes import InodeTable
@@ -54,11 +55,16 @@ class OpenFile:
 
 @dataclass
 class FileHandle:
-    """One ``open``/``create`` of a file, as the kernel sees it."""
+    """One ``open``/``create`` of a file, as the kernel sees it.
+
+    Attributes:
+        audit: the handle's audit log (its reads and writes), if the mount is audited.
+    """
 
     fh: int
     open_file: OpenFile
     flags: int
+    audit: HandleLog | None = None
 
 
 @dataclass
@@ -149,10 +155,16 @@ class HandleTable:
         return handle
 
     def release_file(self, fh: int) -> None:
-        """Forget the handle *fh* and drop its reference."""
+        """Forget the handle *fh*, record its audit log's last range, drop its reference."""
         handle = self._files.pop(fh, None)
         if handle is not None:
+            if handle.audit is not None:
+                handle.audit.release()
             self.drop(handle.open_file)
+
+    def audited_handles(self) -> list[FileHandle]:
+        """Return the file handles that have an audit log."""
+        return [handle for handle in self._files.values() if handle.audit is not None]
 
     def new_dir_handle(self, inode: int) -> DirHandle:
         """Open a directory handle on *inode*."""

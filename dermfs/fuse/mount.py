@@ -38,9 +38,19 @@ import pyfuse3
 import trio
 
 from dermfs import exitcodes, format
-from dermfs.config import Config
-from dermfs.errors import DermfsError, MountError
+from dermfs.audit import (
+    AuditJournal,
+    AuditUnavailable,
+    Event,
+    JournalDamaged,
+    SyslogForwarder,
+    daemon_caller,
+    flush_periodically,
+)
+from dermfs.config import AuditConfig, Config
+from dermfs.errors import AuditDamaged, DermfsError, MountError
 from dermfs.fuse import daemon
+from dermfs.fuse.audit import Auditor
 from dermfs.fuse.daemon import Readiness
 from dermfs.fuse.operations import DermfsOperations
 from dermfs.fuse.options import MountOptions, parse_options, store_of_fsname
@@ -90,7 +100,7 @@ def run_mount(config: Config, mountpoint: Path, foreground: bool, options: list[
             wipe()
 
     if foreground:
-        return serve(volume, mountpoint, parsed, Readiness())
+        return serve(volume, mountpoint, parsed, Readiness(), config.audit)
 
     try:
         readiness = daemon.fork_daemon()
@@ -101,17 +111,21 @@ def run_mount(config: Config, mountpoint: Path, foreground: bool, options: list[
         volume.close()  # only wipes this process's copy of the keys
         return exitcodes.OK
 
-    status = _daemon_main(volume, mountpoint, parsed, readiness)
+    status = _daemon_main(volume, mountpoint, parsed, readiness, config.audit)
     logging.shutdown()
     os._exit(status)
 
 
 def _daemon_main(
-    volume: Volume, mountpoint: Path, parsed: MountOptions, readiness: Readiness
+    volume: Volume,
+    mountpoint: Path,
+    parsed: MountOptions,
+    readiness: Readiness,
+    audit: AuditConfig | None,
 ) -> int:
     try:
         daemon.detach(parsed.log)
-        return serve(volume, mountpoint, parsed, readiness)
+        return serve(volume, mountpoint, parsed, readiness, audit)
     except DermfsError as exc:
         log.error("%s", exc)
         readiness.failed(exc)
@@ -122,14 +136,32 @@ def _daemon_main(
         return exitcodes.GENERIC
 
 
-def serve(volume: Volume, mountpoint: Path, parsed: MountOptions, readiness: Readiness) -> int:
-    """Start writing, mount, and serve requests until unmounted; always closes *volume*."""
+def serve(
+    volume: Volume,
+    mountpoint: Path,
+    parsed: MountOptions,
+    readiness: Readiness,
+    audit: AuditConfig | None = None,
+) -> int:
+    """Start writing, open the audit journal, mount, and serve requests until unmounted.
+
+    Always closes *volume* (and the journal, after the last handle is released).
+    Without *audit*, nothing is recorded.
+
+    Raises:
+        AuditUnavailable, AuditDamaged: the journal cannot be opened, or is damaged,
+            and ``audit.on_failure`` is ``deny``.
+    """
     daemon.disable_core_dumps()
+    journal = None
     try:
         _log_recovery(volume.start_writing())
         _record_pid(volume.store)
-        operations = DermfsOperations(volume, parsed.cache)
+        journal = open_journal(audit, volume) if audit is not None else None
+        operations = DermfsOperations(volume, parsed.cache, audit=Auditor(journal))
     except BaseException:
+        if journal is not None:
+            _close_journal(journal)
         volume.close()
         raise
 
@@ -139,19 +171,56 @@ def serve(volume: Volume, mountpoint: Path, parsed: MountOptions, readiness: Rea
             pyfuse3.init(operations, str(mountpoint), set(parsed.fuse))
         except RuntimeError:
             raise MountError(f"cannot mount on {mountpoint}: FUSE refused the mount") from None
+        if journal is not None:
+            journal.record(Event.MOUNT, daemon_caller(), None)
         try:
-            trio.run(_main, operations, mountpoint, readiness)
+            trio.run(_main, operations, mountpoint, readiness, journal)
         finally:
             pyfuse3.close(unmount=True)
+            if journal is not None:
+                journal.record(Event.UNMOUNT, daemon_caller(), None)
     finally:
         os.umask(old_umask)
         left = operations.close()
+        if journal is not None:
+            _close_journal(journal)
         volume.close()
         daemon.notify_systemd("STOPPING=1")
     if left:
         log.info("closed %d file(s) still open at unmount", left)
     log.info("unmounted %s", mountpoint)
     return exitcodes.OK
+
+
+def open_journal(settings: AuditConfig, volume: Volume) -> AuditJournal | None:
+    """Open the volume's audit journal and record the key fetch.
+
+    Returns ``None`` (and logs an ERROR) when it cannot be opened and
+    ``audit.on_failure`` is ``allow``: the mount then records nothing.
+
+    Raises:
+        AuditUnavailable: the journal cannot be opened (``on_failure: deny``).
+        AuditDamaged: the journal does not match its checkpoint (``on_failure: deny``).
+    """
+    forwarder = SyslogForwarder() if settings.syslog else None
+    try:
+        journal = AuditJournal.open_for_volume(settings, volume, forwarder=forwarder)
+    except (AuditUnavailable, JournalDamaged) as exc:
+        if settings.on_failure != "allow":
+            if isinstance(exc, JournalDamaged):
+                raise AuditDamaged(str(exc)) from None
+            raise
+        log.error("%s; mounting without auditing (audit.on_failure is allow)", exc)
+        return None
+    journal.record(Event.KEY_FETCH, daemon_caller(), None)
+    return journal
+
+
+def _close_journal(journal: AuditJournal) -> None:
+    try:
+        journal.close()
+    except AuditUnavailable as exc:
+        log.error("%s", exc)
 
 
 def _log_recovery(report: RecoveryReport) -> None:
@@ -174,8 +243,15 @@ def _record_pid(store: Path) -> None:
         os.close(fd)
 
 
-async def _main(operations: DermfsOperations, mountpoint: Path, readiness: Readiness) -> None:
+async def _main(
+    operations: DermfsOperations,
+    mountpoint: Path,
+    readiness: Readiness,
+    journal: AuditJournal | None,
+) -> None:
     async with trio.open_nursery() as nursery:
+        if journal is not None:
+            nursery.start_soon(flush_periodically, journal, 1.0)
         nursery.start_soon(_watch_signals, mountpoint)
         nursery.start_soon(_announce, mountpoint, readiness, operations.cache.read_ahead_kb)
         await pyfuse3.main()

@@ -19,6 +19,7 @@ import stat
 import pyfuse3
 
 from dermfs import tree
+from dermfs.audit import Event
 from dermfs.fuse import backing
 from dermfs.fuse.boundary import boundary
 from dermfs.fuse.state import VolumeState
@@ -65,6 +66,23 @@ class NamespaceHandlers(VolumeState):
     async def _create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        path = self._child_plaintext_path(parent_inode, name)
+        self.audit.admit(Event.CREATE, ctx, path)
+        try:
+            return self._create_entry(parent_inode, name, mode, flags, ctx, path)
+        except Exception as exc:
+            self.audit.failed(Event.CREATE, ctx, path, exc)
+            raise
+
+    def _create_entry(
+        self,
+        parent_inode: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+        path: bytes | None,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         with self._directory(parent_inode) as (dir_fd, dir_id):
             backing_name = self._new_entry(dir_fd, dir_id, name)
             try:
@@ -79,8 +97,8 @@ class NamespaceHandlers(VolumeState):
                 raise
             try:
                 st = os.fstat(fd)
-                path = self.inodes.child_path(parent_inode, backing_name.entry)
-                content = self.volume.create_file(fd, st.st_ino, path_hint=path)
+                hint = self.inodes.child_path(parent_inode, backing_name.entry)
+                content = self.volume.create_file(fd, st.st_ino, path_hint=hint)
                 self._chown_new(dir_fd, backing_name.entry, ctx)
                 st = os.fstat(fd)
             except BaseException:
@@ -92,6 +110,7 @@ class NamespaceHandlers(VolumeState):
         attrs = self._remember(parent_inode, name, backing_name.entry, st)
         open_file = self.handles.adopt(attrs.st_ino, fd, content)
         handle = self.handles.new_file_handle(open_file, flags)
+        handle.audit = self.audit.open_handle(ctx, path, Event.CREATE)
         info = pyfuse3.FileInfo(fh=handle.fh, keep_cache=self.cache.keep_cache)
         return info, attrs
 
@@ -101,6 +120,12 @@ class NamespaceHandlers(VolumeState):
     ) -> pyfuse3.EntryAttributes:
         """Create a directory with a fresh directory id."""
         log.debug("mkdir(parent %d, mode %o)", parent_inode, mode)
+        with self.audit.outcome(Event.MKDIR, ctx, self._child_plaintext_path(parent_inode, name)):
+            return self._mkdir(parent_inode, name, mode, ctx)
+
+    def _mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         with self._directory(parent_inode) as (dir_fd, dir_id):
             backing_name = self._new_entry(dir_fd, dir_id, name)
             permissions = stat.S_IMODE(mode)
@@ -164,6 +189,10 @@ class NamespaceHandlers(VolumeState):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         """Remove a file or symlink (and a long name's sidecar)."""
         log.debug("unlink(parent %d)", parent_inode)
+        with self.audit.outcome(Event.UNLINK, ctx, self._child_plaintext_path(parent_inode, name)):
+            self._unlink(parent_inode, name)
+
+    def _unlink(self, parent_inode: int, name: bytes) -> None:
         with self._directory(parent_inode) as (dir_fd, dir_id):
             backing_name = self._backing_name(dir_id, name)
             st = backing.lstat_at(dir_fd, backing_name.entry)
@@ -179,6 +208,10 @@ class NamespaceHandlers(VolumeState):
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         """Remove an empty directory, its id file and any dermfs debris in it."""
         log.debug("rmdir(parent %d)", parent_inode)
+        with self.audit.outcome(Event.RMDIR, ctx, self._child_plaintext_path(parent_inode, name)):
+            self._rmdir(parent_inode, name)
+
+    def _rmdir(self, parent_inode: int, name: bytes) -> None:
         with self._directory(parent_inode) as (dir_fd, dir_id):
             backing_name = self._backing_name(dir_id, name)
             if backing.lstat_at(dir_fd, backing_name.entry) is None:
@@ -199,6 +232,20 @@ class NamespaceHandlers(VolumeState):
     ) -> None:
         """Rename, also over an existing file or empty directory, with NOREPLACE or EXCHANGE."""
         log.debug("rename(parent %d -> %d, flags %#x)", parent_inode_old, parent_inode_new, flags)
+        old_path = self._child_plaintext_path(parent_inode_old, name_old)
+        new_path = self._child_plaintext_path(parent_inode_new, name_new)
+        with self.audit.outcome(Event.RENAME, ctx, old_path, new_path):
+            self._rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        self._moved_handles()
+
+    def _rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+    ) -> None:
         if flags & ~(pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE):
             raise OSError(errno.EINVAL, "unknown rename flags")
         with (

@@ -58,8 +58,10 @@ from typing import cast
 import pyfuse3
 
 from dermfs import tree
+from dermfs.audit import Event
 from dermfs.errors import IntegrityError
 from dermfs.fuse import attributes, backing, xattrs
+from dermfs.fuse.audit import errno_of
 from dermfs.fuse.boundary import boundary
 from dermfs.fuse.handles import with_inode
 from dermfs.fuse.inodes import Node
@@ -134,22 +136,30 @@ class DermfsOperations(NamespaceHandlers):
             fields.update_atime or fields.update_mtime,
         )
         node = self.inodes.pin(inode)
+        path = self.plaintext_path(inode)
         try:
-            if fields.update_size:
-                resized = self._open_content(inode)
-                try:
-                    await self._in_thread(resized.content.truncate, attr.st_size)
-                finally:
-                    self.handles.drop(resized)
-
-            open_file = self.handles.open_file_of(inode)
-            if open_file is not None:
-                self._apply_attributes(node, open_file.fd, attr, fields)
-            else:
-                self._apply_attributes(node, self.inodes.backing_path(inode), attr, fields)
-            return self._attributes(node, self._stat(node))
+            with self.audit.outcome(Event.SETATTR, ctx, path):
+                return await self._setattr(node, attr, fields)
         finally:
             self.inodes.unpin(inode)
+
+    async def _setattr(
+        self, node: Node, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
+    ) -> pyfuse3.EntryAttributes:
+        inode = node.inode
+        if fields.update_size:
+            resized = self._open_content(inode)
+            try:
+                await self._in_thread(resized.content.truncate, attr.st_size)
+            finally:
+                self.handles.drop(resized)
+
+        open_file = self.handles.open_file_of(inode)
+        if open_file is not None:
+            self._apply_attributes(node, open_file.fd, attr, fields)
+        else:
+            self._apply_attributes(node, self.inodes.backing_path(inode), attr, fields)
+        return self._attributes(node, self._stat(node))
 
     def _apply_attributes(
         self,
@@ -194,28 +204,55 @@ class DermfsOperations(NamespaceHandlers):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         """Open a file; every handle of an inode shares its content."""
         log.debug("open(%d, flags %#x)", inode, flags)
-        open_file = self._open_content(inode)
+        path = self.plaintext_path(inode)
+        self.audit.admit(Event.OPEN, ctx, path)
+        try:
+            open_file = self._open_content(inode)
+        except Exception as exc:
+            self._open_failed(ctx, path, exc)
+            raise
         try:
             if flags & os.O_TRUNC:
                 # libfuse asks for atomic O_TRUNC: the kernel sends no setattr for it.
                 await self._in_thread(open_file.content.truncate, 0)
-        except BaseException:
+        except BaseException as exc:
             self.handles.drop(open_file)
+            if isinstance(exc, Exception):
+                self._open_failed(ctx, path, exc)
             raise
         handle = self.handles.new_file_handle(open_file, flags)
+        handle.audit = self.audit.open_handle(ctx, path, Event.OPEN)
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=self.cache.keep_cache)
+
+    def _open_failed(self, ctx: pyfuse3.RequestContext, path: bytes | None, exc: Exception) -> None:
+        self.audit.failed(Event.OPEN, ctx, path, exc)
+        if isinstance(exc, IntegrityError):
+            self.audit.integrity(ctx, path)
 
     @boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
         """Read plaintext from an open file."""
         log.debug("read(fh %d, %d bytes at %d)", fh, size, off)
-        open_file = self.handles.file(fh).open_file
+        handle = self.handles.file(fh)
+        handle_log = handle.audit
+        open_file = handle.open_file
+        if handle_log is not None:
+            self.audit.admit(Event.READ, handle_log.who, handle_log.path, handle_log, off, size)
         open_file.refs += 1
         try:
             # pyfuse3 replies from any contiguous buffer; its stub says bytes.
-            return cast(bytes, await self._in_thread(open_file.content.read, off, size))
+            data = cast(bytes, await self._in_thread(open_file.content.read, off, size))
+        except Exception as exc:
+            if handle_log is not None:
+                handle_log.read(off, size, result=errno_of(exc))
+                if isinstance(exc, IntegrityError):
+                    self.audit.integrity(handle_log.who, handle_log.path)
+            raise
         finally:
             self.handles.drop(open_file)
+        if handle_log is not None:
+            handle_log.read(off, len(data))
+        return data
 
     @boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -224,11 +261,19 @@ class DermfsOperations(NamespaceHandlers):
         open_file = self.handles.file(fh).open_file
         if not open_file.writable:
             raise PermissionError(errno.EACCES, "the backing file is read-only")
+        handle_log = self.handles.file(fh).audit
         open_file.refs += 1
         try:
-            return await self._in_thread(open_file.content.write, off, buf)
+            written = await self._in_thread(open_file.content.write, off, buf)
+        except Exception as exc:
+            if handle_log is not None:
+                handle_log.write(off, len(buf), result=errno_of(exc))
+            raise
         finally:
             self.handles.drop(open_file)
+        if handle_log is not None:
+            handle_log.write(off, written)
+        return written
 
     @boundary
     async def flush(self, fh: int) -> None:

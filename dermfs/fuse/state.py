@@ -21,10 +21,12 @@ import pyfuse3
 import trio
 
 from dermfs import format
+from dermfs.audit.record import mount_path
 from dermfs.content import ContentFile
 from dermfs.errors import FormatError, IntegrityError
 from dermfs.fuse import attributes, backing
 from dermfs.fuse.attributes import CacheSettings, Timeouts
+from dermfs.fuse.audit import Auditor
 from dermfs.fuse.handles import HandleTable, OpenFile, open_backing, with_inode
 from dermfs.fuse.inodes import InodeTable, Node
 from dermfs.names import MAX_PLAINTEXT_NAME, BackingName
@@ -40,16 +42,24 @@ class VolumeState(pyfuse3.Operations):
 
     supports_dot_lookup = True
 
-    def __init__(self, volume: Volume, cache: CacheSettings, threads: int = 0) -> None:
+    def __init__(
+        self,
+        volume: Volume,
+        cache: CacheSettings,
+        threads: int = 0,
+        audit: Auditor | None = None,
+    ) -> None:
         """Serve *volume*, which must have been started for writing.
 
         Args:
             volume: the open volume, after :meth:`Volume.start_writing`.
             cache: kernel cache settings.
             threads: worker threads for content I/O; 0 picks from the CPU count.
+            audit: the audit journal; none means nothing is recorded.
         """
         super().__init__()
         self.volume = volume
+        self.audit = audit or Auditor(None)
         self.cache = cache
         self.enable_writeback_cache = cache.writeback_cache
         self._geometry = volume.geometry
@@ -70,6 +80,23 @@ class VolumeState(pyfuse3.Operations):
     def plaintext_path(self, inode: int) -> bytes | None:
         """Return the plaintext path of *inode* inside the mount (for the audit layer)."""
         return self.inodes.plaintext_path(inode)
+
+    def _child_plaintext_path(self, parent: int, name: bytes) -> bytes | None:
+        """Return the plaintext path of *name* in *parent* (for the audit layer)."""
+        base = self.inodes.plaintext_path(parent)
+        if base is None:
+            return None
+        return base.rstrip(b"/") + b"/" + name
+
+    def _moved_handles(self) -> None:
+        """After a rename, give each open handle's audit log its file's current path."""
+        for handle in self.handles.audited_handles():
+            handle_log = handle.audit
+            path = self.inodes.plaintext_path(handle.open_file.inode)
+            if handle_log is None or path is None:
+                continue  # unlinked (replaced by the rename): keeps its last path
+            if mount_path(path) != handle_log.path:
+                handle_log.moved(mount_path(path))
 
     # -------------------------------------------------------------------------- helpers
 
