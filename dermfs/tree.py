@@ -44,8 +44,11 @@ class ListedEntry:
     error: IntegrityError | None
 
 
-def write_sidecar(parent_fd: int, backing: BackingName) -> None:
-    """Write the sidecar of a long name (atomically); nothing for a name that fits."""
+def write_sidecar(parent_fd: int, backing: BackingName, *, durable: bool = False) -> None:
+    """Write the sidecar of a long name (atomically); nothing for a name that fits.
+
+    With *durable*, the sidecar is fsynced before it is renamed into place.
+    """
     if backing.sidecar is None:
         return
     temporary = f"{format.TMP_PREFIX}{random_id().hex()}"
@@ -54,6 +57,8 @@ def write_sidecar(parent_fd: int, backing: BackingName) -> None:
     )
     try:
         os.write(fd, backing.ciphertext)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(temporary, backing.sidecar, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Never
 
 from tqdm import tqdm
 
-from dermfs import exitcodes, format
+from dermfs import exitcodes, format, tree
 from dermfs.audit import AuditJournal, Event, daemon_caller, rewrap_journal_key
 from dermfs.audit.forward import SyslogForwarder
 from dermfs.audit.keys import load_journal_key
@@ -45,7 +45,7 @@ from dermfs.cryptocore import SecretKey, digest, random_id, random_key
 from dermfs.errors import AuditUnavailable, FormatError, IntegrityError, StoreError
 from dermfs.fsck import Location, count_entries
 from dermfs.keys.base import KeyProvider
-from dermfs.names import BackingName, NameTransform
+from dermfs.names import NameTransform
 from dermfs.volume import RecoveryReport, Transforms, Volume
 
 if TYPE_CHECKING:
@@ -571,7 +571,7 @@ class _Walker:
         backing = self._new.names.encrypt(directory.dir_id, name)
         if _exists_at(directory.fd, backing.entry):
             raise FileExistsError(errno.EEXIST, "the new name exists already")
-        _write_sidecar_durably(directory.fd, backing)
+        tree.write_sidecar(directory.fd, backing, durable=True)
         os.rename(entry, backing.entry, src_dir_fd=directory.fd, dst_dir_fd=directory.fd)
         directory.touched()
         old_sidecar = NameTransform.sidecar_of(entry)
@@ -772,22 +772,6 @@ def _read_sidecar(dir_fd: int, sidecar: str) -> bytes | None:
         return os.read(fd, _MAX_SIDECAR + 1)
     finally:
         os.close(fd)
-
-
-def _write_sidecar_durably(dir_fd: int, backing: BackingName) -> None:
-    """Write the sidecar of a long name (temporary file, fsync, rename); nothing if short."""
-    if backing.sidecar is None:
-        return
-    temporary = f"{format.TMP_PREFIX}{random_id().hex()}"
-    fd = os.open(
-        temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400, dir_fd=dir_fd
-    )
-    try:
-        os.write(fd, backing.ciphertext)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(temporary, backing.sidecar, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
 # ------------------------------------------------------------------------------ command
