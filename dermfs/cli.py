@@ -14,6 +14,7 @@
                                | --new-passphrase-file PATH]
     dermfs [-v] rekey CONFIG
     dermfs --version
+    dermfs CONFIG MOUNTPOINT [-o OPTIONS]    (as mount.fuse3 runs it, for fstab)
 
 Secrets never come from the command line: a key or passphrase comes from the file the
 configuration names, or from standard input when it says ``passphrase_file: '-'``.
@@ -61,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit status (:mod:`dermfs.exitcodes`).
     """
     parser = _build_parser()
+    argv = fstab_form(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse has printed usage, help or the version
@@ -92,6 +94,29 @@ def _print_error(message: str) -> None:
 
 
 # ------------------------------------------------------------------------------ parser
+
+_COMMANDS = frozenset({"init", "fsck", "mount", "umount", "audit", "rewrap", "rekey"})
+
+
+def fstab_form(argv: Sequence[str]) -> list[str]:
+    """Turn ``CONFIG MOUNTPOINT [-o OPTIONS]`` into ``mount CONFIG MOUNTPOINT ...``.
+
+    ``mount.fuse3`` (which ``mount -t fuse.dermfs`` and an fstab line run) calls
+    ``dermfs CONFIG MOUNTPOINT -o OPTIONS``, with no command. That form is taken only when
+    the first argument is not a command name and is an existing file and the second an
+    existing directory; a configuration file named like a command must be given as
+    ``./NAME``. Any other command line is returned unchanged.
+    """
+    args = list(argv)
+    if (
+        len(args) >= 2
+        and args[0] not in _COMMANDS
+        and not args[0].startswith("-")
+        and os.path.isfile(args[0])
+        and os.path.isdir(args[1])
+    ):
+        return ["mount", *args]
+    return args
 
 
 def _build_parser() -> argparse.ArgumentParser:
