@@ -43,7 +43,7 @@ class Samba:
     process: subprocess.Popen[bytes]
 
     def client(
-        self, share: str, *commands: str, encrypt: bool = True, **kwargs: str
+        self, share: str, *commands: str, encrypt: bool = True, cwd: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         """Run smbclient against *share* with *commands*; encryption required or refused."""
         options = (
@@ -69,7 +69,7 @@ class Samba:
             text=True,
             timeout=300,
             check=False,
-            **kwargs,  # type: ignore[arg-type]
+            cwd=cwd,
         )
 
 
