@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.mount.conftest import DERMFS, Volume, unmount  # noqa: E402
-from tests.mount.test_samba import USER, running_smbd  # noqa: E402
-from tests.mount.test_systemd import exec_start  # noqa: E402
+from tests.mount.conftest import DERMFS, Volume, unmount
+from tests.mount.test_samba import USER, running_smbd
+from tests.mount.test_systemd import exec_start
 
 
 def make_volume(base: Path) -> Volume:
@@ -60,8 +60,10 @@ def main() -> None:
     os.chmod(base, 0o711)
     volume = make_volume(base)
     times = [mount_time(volume) for _ in range(5)]
-    print(f"unit path mount to READY=1: median {statistics.median(times):.3f} s "
-          f"(runs {', '.join(f'{t:.3f}' for t in times)})")
+    print(
+        f"unit path mount to READY=1: median {statistics.median(times):.3f} s "
+        f"(runs {', '.join(f'{t:.3f}' for t in times)})"
+    )
 
     batch = base / "batch"
     batch.mkdir()
@@ -69,7 +71,8 @@ def main() -> None:
         (batch / f"IMG_{index:04d}.jpg").write_bytes(os.urandom(4 << 20))
     result = subprocess.run(
         [*DERMFS, "mount", str(volume.config), str(volume.mountpoint), "-o", "allow_other"],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     assert result.returncode == 0
     try:
