@@ -60,6 +60,9 @@ APT_PACKAGES=(
     softhsm2
     # SMB export tests
     samba smbclient
+    # building and checking the Debian package (tests/package)
+    build-essential debhelper dh-python pybuild-plugin-pyproject python3-all-dev
+    python3-setuptools python3-venv python3-yaml lintian man-db
 )
 
 # The interpreter used for .venv is whatever python3 is on PATH. If that is
