@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -201,7 +202,33 @@ def test_service_hides_no_mount(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ fstab
 
 
-def test_mount_fuse3_fstab_form(volume: Volume) -> None:
+@pytest.fixture
+def dermfs_on_helper_path() -> Iterator[None]:
+    """Put this tree's dermfs where mount(8) looks, for the test only, if nothing is there.
+
+    mount(8) runs mount.fuse3 without PATH, and mount.fuse3 runs ``dermfs`` from the
+    standard directories. As root on a machine without an installed dermfs (CI), a
+    symlink in /usr/local/bin stands in for the package's /usr/bin/dermfs; it is removed
+    again in teardown, also when the test fails.
+    """
+    link = Path("/usr/local/bin/dermfs")
+    made = False
+    if (
+        shutil.which("dermfs", path=HELPER_PATH) is None
+        and os.geteuid() == 0
+        and link.parent.is_dir()
+        and not link.is_symlink()
+    ):
+        link.symlink_to(VENV_DERMFS)
+        made = True
+    try:
+        yield
+    finally:
+        if made:
+            link.unlink()
+
+
+def test_mount_fuse3_fstab_form(volume: Volume, dermfs_on_helper_path: None) -> None:
     """``mount -t fuse.dermfs CONFIG MNT`` mounts; ``umount MNT`` loses nothing."""
     for tool in ("mount", "umount", "mount.fuse3"):
         if shutil.which(tool) is None:
