@@ -11,6 +11,7 @@ below it changes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -18,8 +19,9 @@ import stat
 
 import pyfuse3
 
-from dermfs import tree
+from dermfs import format, tree
 from dermfs.audit import Event
+from dermfs.cryptocore import random_id
 from dermfs.fuse import backing
 from dermfs.fuse.boundary import boundary
 from dermfs.fuse.state import VolumeState
@@ -85,9 +87,14 @@ class NamespaceHandlers(VolumeState):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         with self._directory(parent_inode) as (dir_fd, dir_id):
             backing_name = self._new_entry(dir_fd, dir_id, name)
+            # The file is made whole (header and empty final chunk) under a temporary
+            # name and only then renamed into place, so that a kill of the daemon never
+            # leaves an entry without a header (format section 5 does the same for
+            # directories).
+            temporary = f"{format.TMP_PREFIX}{random_id().hex()}"
             try:
                 fd = os.open(
-                    backing_name.entry,
+                    temporary,
                     os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                     stat.S_IMODE(mode),
                     dir_fd=dir_fd,
@@ -99,12 +106,16 @@ class NamespaceHandlers(VolumeState):
                 st = os.fstat(fd)
                 hint = self.inodes.child_path(parent_inode, backing_name.entry)
                 content = self.volume.create_file(fd, st.st_ino, path_hint=hint)
-                self._chown_new(dir_fd, backing_name.entry, ctx)
+                self._chown_new(dir_fd, temporary, ctx)
+                backing.rename(
+                    dir_fd, temporary, dir_fd, backing_name.entry, backing.RENAME_NOREPLACE
+                )
                 st = os.fstat(fd)
             except BaseException:
                 os.close(fd)
-                os.unlink(backing_name.entry, dir_fd=dir_fd)
-                tree.remove_sidecar(dir_fd, backing_name)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temporary, dir_fd=dir_fd)
+                self._undo_entry(dir_fd, backing_name)
                 raise
 
         attrs = self._remember(parent_inode, name, backing_name.entry, st)
