@@ -3,7 +3,8 @@
 Four volumes (two with the default mount options, two with ``-o writeback_cache``) each go
 through five rounds. A round mounts the volume, starts the workload
 (:data:`WORKLOAD`, a separate Python process writing in the round's own directory of the
-mount), SIGKILLs the daemon at a random moment, kills the workload, removes the dead mount
+mount; in every other round only small files, one after another, as ``cp`` and ``tar`` make
+them), SIGKILLs the daemon at a random moment, kills the workload, removes the dead mount
 (``fusermount3 -uz``), and mounts again through the CLI, which runs crash recovery. Then it
 checks the round's files against the journal the workload kept (:func:`check_volume`) and
 the earlier rounds' files against what they held after their own round (unchanged),
@@ -60,7 +61,7 @@ from tests.mount.conftest import Volume, is_mounted, process_running, run_dermfs
 pytestmark = [pytest.mark.mount, pytest.mark.expect_log]
 
 ROUNDS = 5
-#: The daemon is killed this long (seconds, uniformly) after the workload's first entry.
+#: The daemon is killed this long (seconds, uniformly) after the workload started writing.
 KILL_AFTER = (0.05, 1.5)
 
 #: Recovery's WARNINGs that a crash explains; any other daemon WARNING fails the round.
@@ -75,7 +76,7 @@ WORKLOAD = textwrap.dedent(
     """
     import hashlib, json, os, random, sys
 
-    root, journal_path, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    root, journal_path, seed, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     rng = random.Random(seed)
     journal = open(journal_path, "a")
     CHUNK = 65536
@@ -122,6 +123,15 @@ WORKLOAD = textwrap.dedent(
             note(op="durable", name=name, sha=sha(model), how="close")
         durable.append(name)
 
+    def write_small(name):
+        # Create, write a few bytes or none, close: the pattern of cp and tar.
+        note(op="start", name=name)
+        data = rng.randbytes(rng.choice([0, 1, rng.randint(2, 300)]))
+        with open(os.path.join(root, name), "xb") as stream:
+            stream.write(data)
+        note(op="durable", name=name, sha=sha(data), how="close")
+        durable.append(name)
+
     def grow_log(name):
         # Append and fsync over and over; each fsynced prefix is durable.
         note(op="start", name=name)
@@ -141,10 +151,15 @@ WORKLOAD = textwrap.dedent(
     for directory in ("sub-a", "sub-b", "sub-b/deeper"):
         os.mkdir(os.path.join(root, directory))
     note(op="ready")
+    while mode == "small-files":
+        write_small(new_name("small"))
     while True:
-        action = rng.choice(["create", "create", "replace", "replace", "log", "unlink"])
+        action = rng.choice(["create", "create", "replace", "replace", "log", "unlink", "burst"])
         if action == "create" or not durable:
             write_file(new_name("file"), sync=rng.random() < 0.5)
+        elif action == "burst":
+            for _ in range(rng.randint(5, 20)):
+                write_small(new_name("small"))
         elif action == "replace":
             target = rng.choice(durable)
             temporary = new_name("tmp")
@@ -366,12 +381,13 @@ def running(command: list[str], output: Path) -> Iterator[subprocess.Popen[bytes
         process.wait(timeout=30)
 
 
-def wait_for_entries(journal: Path, writer: subprocess.Popen[bytes], count: int) -> None:
+def wait_for_entry(journal: Path, writer: subprocess.Popen[bytes], op: str) -> None:
+    """Wait until the workload's journal has an entry *op*."""
     deadline = time.monotonic() + 30
-    while len(read_journal(journal)) < count:
+    while not any(entry["op"] == op for entry in read_journal(journal)):
         assert writer.poll() is None, "the workload stopped before the kill"
-        assert time.monotonic() < deadline, "the workload wrote nothing"
-        time.sleep(0.01)
+        assert time.monotonic() < deadline, f"the workload wrote no {op!r} entry"
+        time.sleep(0.005)
 
 
 def crash_round(
@@ -391,9 +407,10 @@ def crash_round(
     round_dir = volume.mountpoint / f"round-{round_number}"
     round_dir.mkdir()
     round_journal = journals / f"round-{round_number}.jsonl"
-    command = [sys.executable, "-c", WORKLOAD, str(round_dir), str(round_journal), str(seed)]
+    mode = "small-files" if round_number % 2 else "mixed"
+    command = [sys.executable, "-c", WORKLOAD, str(round_dir), str(round_journal), str(seed), mode]
     with running(command, journals / f"round-{round_number}.stderr") as writer:
-        wait_for_entries(round_journal, writer, 2)
+        wait_for_entry(round_journal, writer, "ready")
         time.sleep(rng.uniform(*KILL_AFTER))
         assert writer.poll() is None, "the workload stopped before the kill"
         kill_daemon(volume)
