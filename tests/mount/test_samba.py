@@ -214,12 +214,21 @@ def test_encrypted_put_get_and_store(share: tuple[Mount, Samba], tmp_path: Path)
             content = path.read_bytes()
             assert probe not in content and image.name.encode() not in content, path
 
-    query = run_dermfs("audit", "query", mount.volume.config, "--json")
-    assert query.returncode == 0, query.stderr
-    records = [json.loads(line) for line in query.stdout.splitlines() if line.strip()]
-    writes = [
-        r for r in records if "write" in str(r.get("event")) and image.name in str(r.get("path"))
-    ]
+    # smbd may still hold the file open; its merged write range reaches the journal at
+    # the next flush, which comes at least once a second (docs/audit.md).
+    deadline = time.monotonic() + 10
+    while True:
+        query = run_dermfs("audit", "query", mount.volume.config, "--json")
+        assert query.returncode == 0, query.stderr
+        records = [json.loads(line) for line in query.stdout.splitlines() if line.strip()]
+        writes = [
+            r
+            for r in records
+            if "write" in str(r.get("event")) and image.name in str(r.get("path"))
+        ]
+        if writes or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert writes, query.stdout[-2000:]
     assert any(r.get("uid") == pwd.getpwnam(USER).pw_uid for r in writes), writes
 
