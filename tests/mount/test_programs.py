@@ -603,6 +603,8 @@ WINDOW = 16
 MIN_DISTINCT = 8
 #: Shorter names are not looked for.
 MIN_NAME = 6
+#: Shorter names are looked for as whole backing names, not inside them (see the test).
+SUBSTRING_NAME = 8
 #: The store's one plaintext file: JSON whose layout is fixed by the format, so a JSON file
 #: in the tree can share a 16-byte run with it (``\n      "provider``); names are looked for
 #: in it all the same.
@@ -647,10 +649,11 @@ def names_in(names: set[bytes], data: bytes) -> set[bytes]:
     by_prefix: dict[int, list[bytes]] = {}
     for name in names:
         by_prefix.setdefault(int.from_bytes(name[:4], "little"), []).append(name)
+    prefixes = set(by_prefix)
     candidates: set[int] = set()
     for alignment in range(4):
         usable = (len(data) - alignment) // 4 * 4
-        candidates |= by_prefix.keys() & set(array.array("I", data[alignment : alignment + usable]))
+        candidates |= prefixes.intersection(array.array("I", data[alignment : alignment + usable]))
     return {name for prefix in candidates for name in by_prefix[prefix] if name in data}
 
 
@@ -699,14 +702,23 @@ class Store:
     xattrs: dict[str, list[tuple[str, bytes]]]
     files: dict[str, int]  # relative path: backing inode
 
-    def metadata_text(self) -> bytes:
-        """Every name, symlink target and xattr name and value, one per line."""
-        parts = [name.encode() for name in self.names]
+    def metadata(self) -> list[bytes]:
+        """Every backing name, symlink target and xattr name and value."""
+        parts = [os.fsencode(name) for name in self.names]
         parts += self.symlink_targets.values()
         for pairs in self.xattrs.values():
             for name, value in pairs:
                 parts += [name.encode(), value]
-        return b"\n".join(parts)
+        return parts
+
+    def metadata_text(self) -> bytes:
+        """:meth:`metadata`, one per line."""
+        return b"\n".join(self.metadata())
+
+    def metadata_words(self) -> set[bytes]:
+        """:meth:`metadata`, and each ``/``-separated part of it."""
+        parts = self.metadata()
+        return {*parts, *(word for part in parts for word in part.split(b"/"))}
 
 
 def walk_store(store: Path) -> Store:
@@ -783,13 +795,22 @@ def test_nothing_in_the_clear(workloads: Mount, source_tree: Tree) -> None:
 
     Names: every name on the mount of at least 6 bytes (UTF-8), every symlink target, the
     xattr name, and the names sqlite and git make and remove again (``*-journal``,
-    ``*-wal``, ``*-shm``, ``index.lock``, ...) are looked for as substrings of (a) all
-    backing names, symlink targets and xattr names and values, and (b) the whole bytes of
-    every file dermfs keeps beside the content (a backing file whose name has a dot:
-    ``dermfs.volume``, ``dermfs.dirid``, ``dermfs.intent``, ``dermfs.lock``, the ``*.name``
-    sidecars; not the ``*.long`` content files). In the content files' ciphertext a 6-byte
-    name turns up by chance every few thousand runs; plaintext there is what the content
-    check looks for.
+    ``*-wal``, ``*-shm``, ``index.lock``, ...) are looked for
+
+    (a) in all backing names, symlink targets and xattr names and values: as substrings if
+        they are 8 bytes or longer; if shorter, as a whole name, target, value, or
+        ``/``-separated part of one (inside the random base64 of some 10,000 backing
+        names, one of a few dozen 6-byte names would turn up by chance about once in
+        10,000 runs);
+    (b) as substrings of the whole bytes of every file dermfs keeps beside the content (a
+        backing file whose name has a dot: ``dermfs.volume``, ``dermfs.dirid``,
+        ``dermfs.intent``, ``dermfs.lock``, the ``*.name`` sidecars; not the ``*.long``
+        content files), and of the audit journal's files, which lie outside the store
+        but on the same disk.
+
+    Names are not looked for in the content files' ciphertext, where a 6-byte one would
+    turn up by chance every few thousand runs; plaintext there is what the content check
+    looks for.
 
     Content: the plaintext is every file the workloads wrote: the tree (for its three
     copies, which the workload tests show are equal to it) and, read through the mount, the
@@ -828,10 +849,20 @@ def test_nothing_in_the_clear(workloads: Mount, source_tree: Tree) -> None:
 
     names = plaintext_names(workloads, source_tree)
     assert names_in(names, b"\n".join(sorted(names))) == names
-    leaked_names = sorted(names_in(names, metadata) | names_in(names, own_bytes))
+    short = {name for name in names if len(name) < SUBSTRING_NAME}
+    leaked_names = sorted(
+        names_in(names - short, metadata)
+        | (short & found.metadata_words())
+        | names_in(names, own_bytes)
+    )
     assert not leaked_names, "plaintext names in the store: " + ", ".join(
         f"{name!r} in {find_in_store(store, found, name)}" for name in leaked_names[:10]
     )
+    journal_files = sorted(workloads.volume.base.glob("volume.audit*"))
+    assert journal_files
+    for path in journal_files:
+        leaked_names = sorted(names_in(names, path.read_bytes()))
+        assert not leaked_names, f"plaintext names in the audit journal {path}: {leaked_names[:10]}"
 
     anchored: set[bytes] = set()
     for path in plaintext_files(workloads, source_tree):
