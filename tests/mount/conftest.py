@@ -176,13 +176,8 @@ def unmount(volume: Volume) -> None:
     raise AssertionError(f"dermfs umount failed: {result.stderr.strip()}")
 
 
-@pytest.fixture
-def volume(tmp_path: Path) -> Iterator[Volume]:
-    """A new store with a local key file, and an empty mount point; never left mounted."""
-    reason = fuse_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    base = tmp_path
+def make_volume(base: Path) -> Volume:
+    """Configure and ``dermfs init`` a volume below *base*, with a local key file."""
     config = base / "volume.yaml"
     config.write_text(
         "store: store\n"
@@ -199,6 +194,17 @@ def volume(tmp_path: Path) -> Iterator[Volume]:
     made.mountpoint.mkdir()
     result = run_dermfs("init", config)
     assert result.returncode == 0, result.stderr
+    return made
+
+
+@pytest.fixture
+def volume(tmp_path: Path) -> Iterator[Volume]:
+    """A new store with a local key file, and an empty mount point; never left mounted."""
+    reason = fuse_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    base = tmp_path
+    made = make_volume(base)
     try:
         yield made
     finally:

@@ -39,11 +39,10 @@ import pytest
 
 from tests.mount.conftest import (
     Mount,
-    Volume,
     fuse_unavailable,
+    make_volume,
     mount_volume,
     mounts_under,
-    run_dermfs,
     unmount,
 )
 
@@ -235,27 +234,6 @@ def source_tree(tmp_path_factory: pytest.TempPathFactory) -> Tree:
 
 
 # ------------------------------------------------------------------------------- the mount
-
-
-def make_volume(base: Path) -> Volume:
-    """Configure and ``dermfs init`` a volume below *base*, as the ``volume`` fixture does."""
-    config = base / "volume.yaml"
-    config.write_text(
-        "store: store\n"
-        "kms:\n"
-        "  provider: local\n"
-        "  keyfile: volume.key\n"
-        "audit:\n"
-        "  journal: volume.audit\n"
-        "  patient_id: '^patients/(?P<patient>[^/]+)/'\n"
-    )
-    made = Volume(
-        base, config, base / "store", base / "volume.key", base / "mnt", base / "daemon.log"
-    )
-    made.mountpoint.mkdir()
-    result = run_dermfs("init", config)
-    assert result.returncode == 0, result.stderr
-    return made
 
 
 @pytest.fixture(scope="module")
